@@ -1,0 +1,55 @@
+"""kvtier: a KV-cache tiering engine for LLM inference.
+
+Block pools per tier, async copy engines between registered engine KV memory and the tiers,
+and (in later layers) prefix caching, trace-aware offload and migration.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from kvtier import _core  # noqa: F401  (native module; fails loudly if the build is broken)
+from kvtier.errors import (
+    BlockStateError,
+    BusyError,
+    ClosedError,
+    CorruptBlockError,
+    DeviceError,
+    DTypeError,
+    InternalError,
+    InvalidArgumentError,
+    KvtierError,
+    OutOfCapacityError,
+    TransferError,
+    TransferTimeoutError,
+    UnavailableError,
+)
+from kvtier.layout import LAYOUT_KINDS, KVLayout
+from kvtier.memory import HostPool, KVRegistration, PoolStats, register_kv
+from kvtier.transfer import CopyEngine, TransferHandle, default_engine
+
+__all__ = [
+    "BlockStateError",
+    "BusyError",
+    "ClosedError",
+    "CopyEngine",
+    "CorruptBlockError",
+    "DTypeError",
+    "DeviceError",
+    "HostPool",
+    "InternalError",
+    "InvalidArgumentError",
+    "KVLayout",
+    "KVRegistration",
+    "KvtierError",
+    "LAYOUT_KINDS",
+    "OutOfCapacityError",
+    "PoolStats",
+    "TransferError",
+    "TransferHandle",
+    "TransferTimeoutError",
+    "UnavailableError",
+    "default_engine",
+    "register_kv",
+    "__version__",
+]
