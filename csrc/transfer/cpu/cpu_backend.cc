@@ -7,6 +7,9 @@
 
 namespace kvtier {
 namespace {
+constexpr uint64_t kPrefetchBytes = 8192;
+constexpr uint64_t kPrefetchRuns = 2;
+
 int DefaultThreads() {
   unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(std::min(n, 16u));
@@ -32,13 +35,25 @@ void CpuCopyBackend::CopyUnits(const TransferRequest& req, uint64_t unit_begin, 
   const uint64_t pieces = plan.size();
   const auto& ss = req.src->segments();
   const auto& ds = req.dst->segments();
+  auto source_of = [&](uint64_t u) {
+    const CopyPiece& p = plan[u % pieces];
+    const Segment& s = ss[p.src_segment];
+    return s.base + int64_t(req.src_ids[u / pieces]) * s.block_stride_bytes + p.src_offset;
+  };
   for (uint64_t u = unit_begin; u < unit_end; ++u) {
     const uint64_t pair = u / pieces;
     const CopyPiece& p = plan[u % pieces];
-    const Segment& s = ss[p.src_segment];
     const Segment& d = ds[p.dst_segment];
-    const std::byte* from = s.base + int64_t(req.src_ids[pair]) * s.block_stride_bytes + p.src_offset;
+    const std::byte* from = source_of(u);
     std::byte* to = d.base + int64_t(req.dst_ids[pair]) * d.block_stride_bytes + p.dst_offset;
+    // Note [Gather prefetch]: hardware prefetchers stop at 4 KiB page boundaries and cannot guess
+    // where the next run starts, so a gather of many short runs starts each run cold. Touch the
+    // head of the next run now, so its first lines are in flight while this run is copied.
+    if (u + kPrefetchRuns < unit_end) {
+      const std::byte* next = source_of(u + kPrefetchRuns);
+      const uint64_t ahead = std::min<uint64_t>(plan[(u + kPrefetchRuns) % pieces].len, kPrefetchBytes);
+      for (uint64_t off = 0; off < ahead; off += 64) __builtin_prefetch(next + off, 0, 2);
+    }
     CopyBytes(to, from, p.len, nontemporal);
   }
   if (nontemporal) StoreFence();

@@ -1,0 +1,72 @@
+"""The ``kvtier`` command: ``kvtier info``, ``kvtier bench copy``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kvtier.errors import KvtierError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvtier", description="KV-cache tiering engine for LLM inference")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="version, compiled backends and what is usable on this machine")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    bench = sub.add_parser("bench", help="microbenchmarks (kvtier against an anchor, same run)")
+    bsub = bench.add_subparsers(dest="suite", required=True)
+    copy = bsub.add_parser("copy", help="block gather/scatter throughput vs plain memcpy")
+    copy.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
+    copy.add_argument("--size-mib", type=_positive_int, default=512, help="bytes per transfer (default 512 MiB)")
+    copy.add_argument("--reps", type=_positive_int, default=7, help="repetitions per case (median reported)")
+    copy.add_argument("--threads", type=_positive_int, default=None, help="copy threads (default: one per core)")
+    copy.add_argument("--block-tokens", type=_positive_int, default=16, help="tokens per KV block (default 16)")
+    copy.add_argument("--cases", default=None, help="only cases whose name contains this text")
+    copy.add_argument("--seed", type=int, default=0, help="seed for block-id permutations")
+    copy.add_argument("--quick", action="store_true", help="small and fast (64 MiB, 3 reps): a smoke run")
+    copy.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            from kvtier.info import info, render
+
+            data = info()
+            if args.json:
+                print(json.dumps(data, indent=2))
+            else:
+                render(data)
+            return 0
+        if args.command == "bench" and args.suite == "copy":
+            from kvtier.benchmarks import copy
+
+            size, reps = (64, 3) if args.quick else (args.size_mib, args.reps)
+            copy.run(size_mib=size, reps=reps, threads=args.threads, block_tokens=args.block_tokens,
+                     cases=args.cases, seed=args.seed, json_path=args.json, progress=not args.no_progress)
+            return 0
+    except KvtierError as e:
+        print(f"kvtier: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""What this kvtier build has, and what it can use on this machine (``kvtier info``)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import kvtier
+from kvtier import _core
+
+
+def info() -> dict[str, Any]:
+    build = _core.build_info()
+    cuda = _core.probe_cuda()
+    uring = _core.probe_uring()
+    ucx = _core.probe_ucx()
+    return {
+        "version": kvtier.__version__,
+        "python": platform.python_version(),
+        "build": build,
+        "cpu": {"usable": True, "threads": build["hardware_threads"],
+                "detail": f"{build['hardware_threads']} hardware threads, streaming stores: {build['nontemporal_copy']}"},
+        "cuda": cuda,
+        "io_uring": uring,
+        "ucx": ucx,
+    }
+
+
+def render(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    b = data["build"]
+    t = Table(title=f"kvtier {data['version']} (python {data['python']}, {b['compiler']}, {b['build_type']})")
+    for col in ("backend", "compiled", "usable here", "detail / reason"):
+        t.add_column(col)
+
+    def yes(v: bool) -> str:
+        return "[green]yes[/green]" if v else "[red]no[/red]"
+
+    t.add_row("cpu copy", yes(True), yes(True), data["cpu"]["detail"])
+    c = data["cuda"]
+    cuda_detail = (
+        f"{c['device_count']} GPU(s): {', '.join(c['devices'])}; runtime {c['runtime_version']}, driver {c['driver_version']}"
+        if c["usable"] else c["reason"]
+    )
+    if c["compiled"]:
+        cuda_detail = f"archs {b['cuda_architectures']}; {cuda_detail}"
+    t.add_row("cuda", yes(c["compiled"]), yes(c["usable"]), cuda_detail)
+    u = data["io_uring"]
+    t.add_row("io_uring", yes(u["compiled"]), yes(u["usable"]), u["detail"] if u["usable"] else u["reason"])
+    x = data["ucx"]
+    ucx_detail = f"{x['detail']}; transports: {', '.join(x['items'])}" if x["usable"] else (x["reason"] or x["detail"])
+    t.add_row("ucx", yes(x["compiled"]), yes(x["usable"]), ucx_detail)
+    Console().print(t)
