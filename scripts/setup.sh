@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Shared setup for scripts/demo.sh and scripts/test.sh: Debian packages, a virtual environment in
+# .venv, and kvtier built and installed into it. Source it; pass "test" to add the test extras.
+set -euo pipefail
+
+KVTIER_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$KVTIER_ROOT"
+
+# Debian packages: compilers, pkg-config, the native parts kvtier links (liburing, UCX, xxhash),
+# and Python's venv/headers. Installed only when missing.
+apt_packages=(g++ make pkg-config liburing-dev libucx-dev ucx-utils libxxhash-dev python3-venv python3-dev)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+# python3-venv/-dev are not needed when python3 already has venv (e.g. pyenv builds).
+if python3 -c "import venv, sysconfig; import os; assert os.path.exists(sysconfig.get_paths()['include'] + '/Python.h')" 2>/dev/null; then
+  missing=("${missing[@]/python3-venv/}")
+  missing=("${missing[@]/python3-dev/}")
+fi
+read -r -a missing <<<"${missing[*]:-}"
+if ((${#missing[@]})); then
+  echo "kvtier setup: installing Debian packages: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+extras=""
+pip_extra=()
+if [ "${1:-}" = "test" ]; then
+  extras="[test]"
+  # The CPU build of torch, pinned: a bare "torch" pulls a multi-GB CUDA build.
+  python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+    || pip_extra+=("torch==2.13.0")
+fi
+echo "kvtier setup: building and installing kvtier${extras} into .venv (CUDA=${KVTIER_CUDA:-AUTO})"
+pip install --disable-pip-version-check -q ".${extras}" "${pip_extra[@]}"
