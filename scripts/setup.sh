@@ -8,17 +8,14 @@ cd "$KVTIER_ROOT"
 
 # Debian packages: compilers, pkg-config, the native parts kvtier links (liburing, UCX, xxhash),
 # and Python's venv/headers. Installed only when missing.
-apt_packages=(g++ make pkg-config liburing-dev libucx-dev ucx-utils libxxhash-dev python3-venv python3-dev)
+apt_packages=(g++ make pkg-config liburing-dev libucx-dev ucx-utils libxxhash-dev)
+# python3-venv/-dev only when this python3 lacks venv or its headers (pyenv builds have both).
+python3 -c "import venv, os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
+  2>/dev/null || apt_packages+=(python3-venv python3-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
-# python3-venv/-dev are not needed when python3 already has venv (e.g. pyenv builds).
-if python3 -c "import venv, sysconfig; import os; assert os.path.exists(sysconfig.get_paths()['include'] + '/Python.h')" 2>/dev/null; then
-  missing=("${missing[@]/python3-venv/}")
-  missing=("${missing[@]/python3-dev/}")
-fi
-read -r -a missing <<<"${missing[*]:-}"
 if ((${#missing[@]})); then
   echo "kvtier setup: installing Debian packages: ${missing[*]}"
   SUDO=""
