@@ -1,0 +1,71 @@
+"""The kvtier command: info and bench copy, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvtier.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvtier.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_info_json_explains_every_backend() -> None:
+    out = run_cli("info", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["version"]
+    for name in ("cuda", "io_uring", "ucx"):
+        feature = data[name]
+        assert isinstance(feature["compiled"], bool) and isinstance(feature["usable"], bool)
+        if not feature["usable"]:
+            assert feature["reason"], f"{name} is off without a reason"
+    assert data["build"]["nontemporal_copy"] in {"avx512", "avx2", "memcpy"}
+
+
+def test_info_table_names_backends() -> None:
+    out = run_cli("info")
+    assert out.returncode == 0, out.stderr
+    for word in ("cpu copy", "cuda", "io_uring", "ucx"):
+        assert word in out.stdout
+
+
+def test_bench_copy_json_shape(tmp_path) -> None:
+    path = tmp_path / "copy.json"
+    rc = main(["bench", "copy", "--size-mib", "4", "--reps", "1", "--no-progress", "--json", str(path)])
+    assert rc == 0
+    report = json.loads(path.read_text())
+    assert report["suite"] == "copy"
+    assert report["machine"]["cores"] >= 1
+    cases = {r["case"] for r in report["results"]}
+    assert any("llama3-8b" in c for c in cases) and any("qwen2-0.5b" in c for c in cases)
+    for r in report["results"]:
+        assert set(r) >= {"case", "kvtier_gbps", "anchor", "anchor_gbps", "ratio"}
+        assert r["kvtier_gbps"] > 0 and r["anchor_gbps"] > 0
+        assert r["ratio"] == pytest.approx(r["kvtier_gbps"] / r["anchor_gbps"], rel=0.01)
+        assert r["anchor_gbps"] == max(r["memcpy_1t_gbps"], r["memcpy_mt_gbps"])
+
+
+def test_bench_copy_llama_block_is_2mib(tmp_path) -> None:
+    path = tmp_path / "copy.json"
+    assert main(["bench", "copy", "--size-mib", "4", "--reps", "1", "--cases", "llama3-8b vllm_flash gather",
+                 "--no-progress", "--json", str(path)]) == 0
+    (r,) = json.loads(path.read_text())["results"]
+    assert r["block_bytes"] == 32 * 2 * 8 * 128 * 2 * 16 == 2 << 20
+    assert r["runs_per_block"] == 32  # one contiguous run per layer in the flash layout
+
+
+def test_bench_unknown_case_is_a_clear_error(capsys) -> None:
+    assert main(["bench", "copy", "--cases", "no-such-model", "--no-progress"]) == 2
+    assert "no copy case matches" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2() -> None:
+    out = run_cli("bench", "copy", "--size-mib", "-3")
+    assert out.returncode == 2
+    assert "positive integer" in out.stderr
