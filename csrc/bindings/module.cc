@@ -159,6 +159,7 @@ NB_MODULE(_core, m) {
           },
           "block_bytes"_a, "num_blocks"_a, "populate"_a = true, "pin"_a = true, "try_hugetlb"_a = true)
       .def_prop_ro("block_bytes", &HostPool::block_bytes)
+      .def_prop_ro("block_stride_bytes", &HostPool::block_stride_bytes)
       .def_prop_ro("num_blocks", &HostPool::num_blocks)
       .def_prop_ro("page_mode", [](const HostPool& p) { return p.arena().page_mode(); })
       .def_prop_ro("pinned", [](const HostPool& p) { return p.arena().pinned(); })
@@ -198,7 +199,8 @@ NB_MODULE(_core, m) {
           [](nb::handle self) {
             HostPool& p = nb::cast<HostPool&>(self);
             size_t shape[2] = {p.num_blocks(), p.block_bytes()};
-            return nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>(p.block_ptr(0), 2, shape, self);
+            int64_t strides[2] = {static_cast<int64_t>(p.block_stride_bytes()), 1};
+            return nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>(p.block_ptr(0), 2, shape, self, strides);
           },
           "A [num_blocks, block_bytes] uint8 view of the whole arena (keeps the pool alive).");
 

@@ -9,11 +9,13 @@ namespace kvtier {
 // ---------------------------------------------------------------- HostPool
 
 HostPool::HostPool(std::unique_ptr<HostArena> arena, uint64_t block_bytes, uint32_t num_blocks)
-    : arena_(std::move(arena)), allocator_(num_blocks) {
+    : arena_(std::move(arena)),
+      block_stride_bytes_((block_bytes + kBlockAlignment - 1) / kBlockAlignment * kBlockAlignment),
+      allocator_(num_blocks) {
   device_ = Device{DeviceType::kCpu, 0};
   num_blocks_ = num_blocks;
   block_bytes_ = block_bytes;
-  segments_.push_back(Segment{arena_->data(), static_cast<int64_t>(block_bytes), block_bytes});
+  segments_.push_back(Segment{arena_->data(), static_cast<int64_t>(block_stride_bytes_), block_bytes});
 }
 
 Result<std::unique_ptr<HostPool>> HostPool::Create(uint64_t block_bytes, uint32_t num_blocks,
@@ -21,8 +23,9 @@ Result<std::unique_ptr<HostPool>> HostPool::Create(uint64_t block_bytes, uint32_
   if (block_bytes == 0) return InvalidArgument("block_bytes must be > 0");
   if (num_blocks == 0) return InvalidArgument("a pool needs at least one block (num_blocks=0)");
   if (num_blocks > uint32_t{1} << 31) return InvalidArgument("num_blocks must be < 2^31");
-  const uint64_t total = block_bytes * num_blocks;
-  if (total / num_blocks != block_bytes) return InvalidArgument("pool size overflows 64 bits");
+  const uint64_t stride = (block_bytes + kBlockAlignment - 1) / kBlockAlignment * kBlockAlignment;
+  const uint64_t total = stride * num_blocks;
+  if (stride < block_bytes || total / num_blocks != stride) return InvalidArgument("pool size overflows 64 bits");
   auto arena = HostArena::Create(total, options);
   if (!arena.ok()) return arena.status();
   return std::unique_ptr<HostPool>(new HostPool(std::move(arena).value(), block_bytes, num_blocks));

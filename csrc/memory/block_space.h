@@ -63,7 +63,9 @@ class BlockSpace {
   const uint64_t uid_ = next_uid_.fetch_add(1);
 };
 
-// A DRAM tier: one HostArena carved into num_blocks blocks of block_bytes each.
+// A DRAM tier: one HostArena carved into num_blocks blocks of block_bytes each. Blocks start
+// every block_stride_bytes = block_bytes rounded up to kBlockAlignment, so that every block can
+// be the buffer of an O_DIRECT read or write of its whole (aligned) length.
 class HostPool final : public BlockSpace {
  public:
   static Result<std::unique_ptr<HostPool>> Create(uint64_t block_bytes, uint32_t num_blocks,
@@ -73,13 +75,17 @@ class HostPool final : public BlockSpace {
   Status Acquire(std::span<const int32_t> ids, bool write) override;
   void Release(std::span<const int32_t> ids) override;
 
+  static constexpr uint64_t kBlockAlignment = 4096;
+
   BlockAllocator& allocator() noexcept { return allocator_; }
   const HostArena& arena() const noexcept { return *arena_; }
-  std::byte* block_ptr(int32_t id) const noexcept { return arena_->data() + uint64_t(id) * block_bytes_; }
+  uint64_t block_stride_bytes() const noexcept { return block_stride_bytes_; }
+  std::byte* block_ptr(int32_t id) const noexcept { return arena_->data() + uint64_t(id) * block_stride_bytes_; }
 
  private:
   HostPool(std::unique_ptr<HostArena> arena, uint64_t block_bytes, uint32_t num_blocks);
   std::unique_ptr<HostArena> arena_;
+  uint64_t block_stride_bytes_;
   BlockAllocator allocator_;
 };
 

@@ -112,6 +112,9 @@ std::string FormatAddress(uint64_t address) {
   return buf;
 }
 
+// `*to = from` without an expression statement of the [[nodiscard]] Status type (nvcc warns).
+void Replace(Status* to, Status from) noexcept { std::swap(*to, from); }
+
 void FinishNoThrow(TransferRequest& req, Status status) noexcept {
   try {
     req.Finish(std::move(status));
@@ -319,7 +322,7 @@ struct SpaceView {
 };
 
 // One contiguous copy, host view (for cudaMemcpyAsync) and device view (for the kernel).
-struct Run {
+struct CopyRun {
   uint64_t hsrc, hdst, dsrc, ddst, len_bytes;
 };
 
@@ -393,14 +396,15 @@ class Lane {
       while (!incoming.empty()) {
         std::unique_ptr<TransferRequest> req = std::move(incoming.front());
         incoming.pop_front();
-        Issue(std::move(req));
+        Issue(req);
       }
       Reap();
     }
     Shutdown();
   }
 
-  void Done(std::unique_ptr<TransferRequest> req, Status status) {
+  // Takes req by reference so that a status built from *req is evaluated before req is emptied.
+  void Done(std::unique_ptr<TransferRequest>& req, Status status) {
     FinishNoThrow(*req, std::move(status));
     req.reset();
     inflight_->fetch_sub(1);
@@ -458,6 +462,7 @@ class Lane {
   }
 
   void Shutdown() {
+    if (!ready_ && streams_[0] == nullptr) return;  // this thread never touched CUDA
     bool synced = true;
     for (cudaStream_t& s : streams_) {
       if (s == nullptr) continue;
@@ -480,7 +485,7 @@ class Lane {
     if (!idle_.empty()) {
       std::unique_ptr<Slot> slot = std::move(idle_.back());
       idle_.pop_back();
-      return slot;
+      return Result<std::unique_ptr<Slot>>(std::move(slot));
     }
     auto slot = std::make_unique<Slot>();
     const cudaError_t e = cudaEventCreateWithFlags(&slot->done, cudaEventDisableTiming);
@@ -489,7 +494,7 @@ class Lane {
       slot->done = nullptr;
       return TransferError(CallFailed("cudaEventCreateWithFlags", e));
     }
-    return slot;
+    return Result<std::unique_ptr<Slot>>(std::move(slot));
   }
 
   void ReleaseSlot(std::unique_ptr<Slot> slot) {
@@ -586,19 +591,19 @@ class Lane {
         const uint64_t dsrc = hsrc + static_cast<uint64_t>(sv.delta_bytes[p.src_segment]);
         const uint64_t ddst = hdst + static_cast<uint64_t>(dv.delta_bytes[p.dst_segment]);
         if (!runs_.empty()) {
-          Run& b = runs_.back();
+          CopyRun& b = runs_.back();
           if (b.hsrc + b.len_bytes == hsrc && b.hdst + b.len_bytes == hdst && b.dsrc + b.len_bytes == dsrc &&
               b.ddst + b.len_bytes == ddst) {
             b.len_bytes += p.len;
             continue;
           }
         }
-        runs_.push_back(Run{hsrc, hdst, dsrc, ddst, p.len});
+        runs_.push_back(CopyRun{hsrc, hdst, dsrc, ddst, p.len});
       }
     }
   }
 
-  void Issue(std::unique_ptr<TransferRequest> req) {
+  void Issue(std::unique_ptr<TransferRequest>& req) {
     std::unique_ptr<Slot> slot;
     std::unique_ptr<Batch> batch;
     uint64_t small = 0;
@@ -606,32 +611,33 @@ class Lane {
     try {
       if (!ready_) {
         if (Status st = Init(); !st.ok()) {
-          Done(std::move(req), Status(st.code(), Describe(*req) + st.message()));
+          Done(req, Status(st.code(), Describe(*req) + st.message()));
           return;
         }
       }
       Result<std::shared_ptr<const SpaceView>> sv = View(*req->src, "source");
-      if (!sv.ok()) return Done(std::move(req), Status(sv.status().code(), Describe(*req) + sv.status().message()));
+      if (!sv.ok()) return Done(req, Status(sv.status().code(), Describe(*req) + sv.status().message()));
       Result<std::shared_ptr<const SpaceView>> dv = View(*req->dst, "target");
-      if (!dv.ok()) return Done(std::move(req), Status(dv.status().code(), Describe(*req) + dv.status().message()));
+      if (!dv.ok()) return Done(req, Status(dv.status().code(), Describe(*req) + dv.status().message()));
       BuildRuns(*req, *sv.value(), *dv.value());
-      for (const Run& r : runs_) small += r.len_bytes < kMemcpyMinBytes ? 1 : 0;
+      for (const CopyRun& r : runs_) small += r.len_bytes < kMemcpyMinBytes ? 1 : 0;
       Result<std::unique_ptr<Slot>> acquired = AcquireSlot();
-      if (!acquired.ok()) return Done(std::move(req), TransferError(Describe(*req) + acquired.status().message()));
+      if (!acquired.ok()) return Done(req, TransferError(Describe(*req) + acquired.status().message()));
       slot = std::move(acquired.value());
       if (Status st = slot->Reserve(small); !st.ok()) {
         ReleaseSlot(std::move(slot));
-        return Done(std::move(req), TransferError(Describe(*req) + st.message()));
+        return Done(req, TransferError(Describe(*req) + st.message()));
       }
       uint64_t k = 0;
-      for (const Run& r : runs_) {
+      for (const CopyRun& r : runs_) {
         if (r.len_bytes < kMemcpyMinBytes) slot->host_descs[k++] = CopyDesc{r.dsrc, r.ddst, r.len_bytes};
       }
       batch = std::make_unique<Batch>();
-      batches_.reserve(batches_.size() + 1);
+      if (batches_.size() == batches_.capacity()) batches_.reserve(std::max<size_t>(16, batches_.capacity() * 2));
     } catch (const std::exception& ex) {
       if (slot) ReleaseSlot(std::move(slot));
-      return Done(std::move(req), InternalError(Describe(*req) + "cannot prepare the copy: " + ex.what()));
+      if (!req) return;  // already finished
+      return Done(req, InternalError(Describe(*req) + "cannot prepare the copy: " + ex.what()));
     }
 
     // From here on nothing throws; once `queued` is true the request must wait for the stream.
@@ -646,7 +652,7 @@ class Lane {
                                       cudaMemcpyHostToDevice, stream);
       if (e != cudaSuccess) {
         ClearLastError();
-        error = TransferError(Describe(*req) + CallFailed("cudaMemcpyAsync (descriptors)", e));
+        Replace(&error, TransferError(Describe(*req) + CallFailed("cudaMemcpyAsync (descriptors)", e)));
       } else {
         queued = true;
         const auto grid = static_cast<unsigned>(std::min<uint64_t>(small, kMaxGridBlocks));
@@ -654,20 +660,20 @@ class Lane {
         GatherScatterKernel<<<grid, kKernelThreads, 0, stream>>>(slot->dev_descs, small);
         e = cudaGetLastError();
         if (e != cudaSuccess) {
-          error = TransferError(Describe(*req) + CallFailed("launching the gather/scatter kernel", e));
+          Replace(&error, TransferError(Describe(*req) + CallFailed("launching the gather/scatter kernel", e)));
         }
       }
     }
     if (error.ok()) {
-      for (const Run& r : runs_) {
+      for (const CopyRun& r : runs_) {
         if (r.len_bytes < kMemcpyMinBytes) continue;
         const cudaError_t e = cudaMemcpyAsync(reinterpret_cast<void*>(r.hdst), reinterpret_cast<const void*>(r.hsrc),
                                               r.len_bytes, cudaMemcpyDefault, stream);
         if (e != cudaSuccess) {
           ClearLastError();
-          error = TransferError(Describe(*req) + CallFailed("cudaMemcpyAsync", e) + " for " +
+          Replace(&error, TransferError(Describe(*req) + CallFailed("cudaMemcpyAsync", e) + " for " +
                                 std::to_string(r.len_bytes) + " bytes " + FormatAddress(r.hsrc) + " -> " +
-                                FormatAddress(r.hdst));
+                                FormatAddress(r.hdst)));
           break;
         }
         queued = true;
@@ -675,12 +681,12 @@ class Lane {
     }
     if (!queued) {
       ReleaseSlot(std::move(slot));
-      return Done(std::move(req), error.ok() ? TransferError(Describe(*req) + "nothing to copy was queued") : error);
+      return Done(req, error.ok() ? TransferError(Describe(*req) + "nothing to copy was queued") : error);
     }
     const cudaError_t e = cudaEventRecord(slot->done, stream);
     if (e != cudaSuccess) {
       ClearLastError();
-      if (error.ok()) error = TransferError(Describe(*req) + CallFailed("cudaEventRecord", e));
+      if (error.ok()) Replace(&error, TransferError(Describe(*req) + CallFailed("cudaEventRecord", e)));
       // Work already queued must end before Finish releases the blocks.
       const cudaError_t se = cudaStreamSynchronize(stream);
       if (se == cudaSuccess) {
@@ -689,14 +695,14 @@ class Lane {
         ClearLastError();
         slot.reset();
       }
-      return Done(std::move(req), error);
+      return Done(req, error);
     }
     if (cudaLaunchHostFunc(stream, RingDoorbell, signal_.get()) != cudaSuccess) {
       ClearLastError();  // not fatal: the poll in Run finds the event
     }
     batch->req = std::move(req);
     batch->slot = std::move(slot);
-    batch->issue_error = std::move(error);
+    Replace(&batch->issue_error, std::move(error));
     batches_.push_back(std::move(batch));  // capacity reserved above
   }
 
@@ -715,13 +721,14 @@ class Lane {
       if (q != cudaSuccess) {
         ClearLastError();
         if (status.ok()) {
-          status = TransferError(Describe(*b->req) + "the copy failed on the GPU: " + CallFailed("cudaEventQuery", q));
+          Replace(&status, TransferError(Describe(*b->req) + "the copy failed on the GPU: " +
+                                         CallFailed("cudaEventQuery", q)));
         }
         b->slot.reset();
       } else {
         ReleaseSlot(std::move(b->slot));
       }
-      Done(std::move(b->req), std::move(status));
+      Done(b->req, std::move(status));
     }
   }
 
@@ -737,7 +744,7 @@ class Lane {
   std::vector<std::unique_ptr<Slot>> idle_;
   std::vector<std::unique_ptr<Batch>> batches_;
   std::unordered_map<uint64_t, std::shared_ptr<const SpaceView>> views_;
-  std::vector<Run> runs_;
+  std::vector<CopyRun> runs_;
 };
 
 // ---------------------------------------------------------------- the backend
