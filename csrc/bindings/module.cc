@@ -15,6 +15,7 @@
 #include <string>
 #include <thread>
 
+#include "bindings/common.h"
 #include "common/status.h"
 #include "memory/block_space.h"
 #include "probe/probes.h"
@@ -28,32 +29,14 @@ using namespace nb::literals;
 namespace kvtier::bind {
 namespace {
 
-using IdArray = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using ByteArray = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // ---------------------------------------------------------------- errors
-
-struct StatusException {
-  StatusCode code;
-  std::string message;
-};
 
 nb::object& ErrorTypes() {
   static nb::object* types = new nb::object(nb::dict());  // leaked on purpose: lives to exit
   return *types;
 }
-
-void ThrowIfError(const Status& st) {
-  if (!st.ok()) throw StatusException{st.code(), st.message()};
-}
-
-template <typename T>
-T Unwrap(Result<T>&& r) {
-  if (!r.ok()) ThrowIfError(r.status());
-  return std::move(r).value();
-}
-
-std::span<const int32_t> Ids(const IdArray& a) { return {a.data(), a.shape(0)}; }
 
 // ---------------------------------------------------------------- registrations
 
@@ -233,7 +216,15 @@ NB_MODULE(_core, m) {
       })
       .def_prop_ro("num_blocks", &TransferState::num_blocks)
       .def_prop_ro("bytes", &TransferState::bytes)
-      .def_prop_ro("latency_s", &TransferState::latency_s);
+      .def_prop_ro("latency_s", &TransferState::latency_s)
+      .def_prop_ro("block_ok", [](const TransferState& s) -> nb::object {
+        if (!s.done() || s.block_ok().empty()) return nb::none();
+        const auto& ok = s.block_ok();
+        auto* copy = new uint8_t[ok.size()];
+        std::copy(ok.begin(), ok.end(), copy);
+        nb::capsule owner(copy, [](void* q) noexcept { delete[] static_cast<uint8_t*>(q); });
+        return nb::cast(nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(copy, {ok.size()}, owner));
+      }, "Per-block outcome (1 = ok) for transfers that can succeed partially; None otherwise.");
 
   nb::class_<CopyEngine>(m, "CopyEngine")
       .def("__init__",
@@ -319,5 +310,6 @@ NB_MODULE(_core, m) {
       },
       "dst"_a, "src"_a, "threads"_a = 1, "Seconds for a plain memcpy of src into dst over `threads` threads.");
 
+  BindNvme(m);
   cuda::InstallHostPinner();
 }

@@ -51,6 +51,12 @@ class TransferState {
   uint64_t bytes() const noexcept { return bytes_; }
   double latency_s() const;  // submit -> complete, 0 while pending
 
+  // Per-block outcome for transfers that can succeed partially (tier reads: a block that is
+  // absent or fails its checksum is a miss, not an error). Empty when every block shares the
+  // handle's status. Set before Complete(); read only after done().
+  void SetBlockOk(std::vector<uint8_t> ok) { block_ok_ = std::move(ok); }
+  const std::vector<uint8_t>& block_ok() const noexcept { return block_ok_; }
+
  private:
   const uint64_t num_blocks_;
   const uint64_t bytes_;
@@ -60,6 +66,7 @@ class TransferState {
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   Status status_;                              // guarded by mu_
+  std::vector<uint8_t> block_ok_;               // written once before completion
   std::vector<std::function<void()>> on_done_;  // guarded by mu_
 };
 

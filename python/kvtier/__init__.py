@@ -26,6 +26,7 @@ from kvtier.errors import (
 )
 from kvtier.layout import LAYOUT_KINDS, KVLayout
 from kvtier.memory import HostPool, KVRegistration, PoolStats, register_kv
+from kvtier.nvme import NvmeTier
 from kvtier.transfer import CopyEngine, TransferHandle, default_engine
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "KVRegistration",
     "KvtierError",
     "LAYOUT_KINDS",
+    "NvmeTier",
     "OutOfCapacityError",
     "PoolStats",
     "TransferError",

@@ -8,6 +8,8 @@ import weakref
 from collections.abc import Generator
 from typing import Any
 
+import numpy as np
+
 from kvtier import _core
 from kvtier.errors import ClosedError, InvalidArgumentError, KvtierError, TransferTimeoutError
 from kvtier.memory import HostPool, KVRegistration, as_block_ids
@@ -37,7 +39,7 @@ class TransferHandle:
 
     __slots__ = ("_core", "_keep", "_engine", "__weakref__")
 
-    def __init__(self, core: Any, keep: tuple[Any, ...], engine: CopyEngine) -> None:
+    def __init__(self, core: Any, keep: tuple[Any, ...], engine: CopyEngine | None) -> None:
         self._core = core
         self._keep: tuple[Any, ...] | None = keep
         self._engine = engine
@@ -54,6 +56,13 @@ class TransferHandle:
     def latency_s(self) -> float:
         """Seconds from submission to completion (0.0 while pending)."""
         return self._core.latency_s
+
+    @property
+    def block_ok(self) -> np.ndarray | None:
+        """Per-block outcome (True = ok) for transfers that can succeed partially, such as tier
+        reads where a missing or corrupt block is a miss; None for all-or-nothing transfers."""
+        ok = self._core.block_ok
+        return None if ok is None else ok.astype(bool)
 
     def done(self) -> bool:
         return self._core.done()
@@ -80,7 +89,11 @@ class TransferHandle:
 
     def __await__(self) -> Generator[Any, None, None]:
         if not self._core.done():
-            yield from self._engine._waiter().wait(self).__await__()
+            if self._engine is not None:
+                yield from self._engine._waiter().wait(self).__await__()
+            else:  # a tier's own handle: wait on a worker thread
+                loop = asyncio.get_running_loop()
+                yield from loop.run_in_executor(None, self._core.wait, -1.0).__await__()
         self._keep = None
         self._core.raise_if_failed()
 

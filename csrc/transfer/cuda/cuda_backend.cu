@@ -396,7 +396,18 @@ class Lane {
       while (!incoming.empty()) {
         std::unique_ptr<TransferRequest> req = std::move(incoming.front());
         incoming.pop_front();
-        Issue(req);
+        try {
+          Issue(req);
+        } catch (...) {
+          // Only an error message's allocation can get here. Let queued work end before Finish
+          // releases the blocks (Note [CUDA completion]).
+          if (req) {
+            for (cudaStream_t s : streams_) {
+              if (s != nullptr && cudaStreamSynchronize(s) != cudaSuccess) ClearLastError();
+            }
+            Done(req, InternalError("cuda copy: out of memory while reporting a copy error"));
+          }
+        }
       }
       Reap();
     }
@@ -640,7 +651,8 @@ class Lane {
       return Done(req, InternalError(Describe(*req) + "cannot prepare the copy: " + ex.what()));
     }
 
-    // From here on nothing throws; once `queued` is true the request must wait for the stream.
+    // From here on only error messages allocate (Run catches that); once `queued` is true the
+    // request must wait for the stream before it finishes.
     const bool src_cuda = req->src->device().is_cuda();
     const bool dst_cuda = req->dst->device().is_cuda();
     const Direction dir = (src_cuda && dst_cuda) ? kDeviceToDevice : (src_cuda ? kToHost : kToDevice);

@@ -1,0 +1,166 @@
+// NvmeTier: the NVMe tier. Blocks live in fixed-size slots of one preallocated file under a
+// directory, addressed by BlockKey; I/O goes through io_uring with O_DIRECT, the staging DRAM
+// pool's arena registered once as fixed buffers and the file registered as a fixed file.
+//
+// Note [On-disk format] (docs/nvme.md has the long form):
+//   <dir>/kvtier.super  4 KiB superblock: magic, version, block_bytes, slot_bytes, num_slots,
+//                       checksum. Written once at creation, checked at every open.
+//   <dir>/kvtier.slots  num_slots * slot_bytes, preallocated. A slot is the payload (block_bytes
+//                       rounded up to 4 KiB) followed by a 4 KiB header: magic, key, generation,
+//                       payload_bytes, payload XXH3-64, header XXH3-64.
+// Note [Write ordering]: a block's header is submitted only after every chunk of its payload
+// has completed, and a write batch is acknowledged only after an fdatasync that follows all of
+// its headers (durable=true). So an acknowledged block is on disk whole; a crash can leave an
+// old header in front of a partly overwritten payload, which fails its checksum on the way back
+// and is a miss. Nothing torn or stale is ever returned: every read verifies the checksum.
+// Note [Recovery]: Open reads every slot header; a header with a bad checksum or magic marks a
+// free slot; when two slots claim one key the higher generation wins. Payloads are verified
+// lazily, on read.
+#pragma once
+
+#include <liburing.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "common/status.h"
+#include "index/checksum.h"
+#include "memory/block_allocator.h"
+#include "memory/block_space.h"
+#include "transfer/transfer.h"
+
+namespace kvtier {
+
+struct NvmeTierOptions {
+  std::string directory;
+  uint64_t block_bytes = 0;
+  uint32_t num_slots = 0;
+  uint32_t queue_depth = 64;                 // io_uring operations in flight, at most
+  uint64_t io_chunk_bytes = uint64_t{1} << 20;  // a block's payload goes out in chunks of this size
+  bool durable = true;                       // fdatasync before acknowledging a write batch
+  bool allow_buffered_io = false;            // opt-in for file systems that refuse O_DIRECT
+};
+
+struct NvmeTierStats {
+  uint64_t num_slots = 0;
+  uint64_t used_slots = 0;
+  uint64_t blocks_written = 0;
+  uint64_t blocks_deduplicated = 0;  // write of a key already stored: skipped
+  uint64_t write_errors = 0;
+  uint64_t read_hits = 0;
+  uint64_t read_misses = 0;     // absent keys
+  uint64_t corrupt_blocks = 0;  // failed the checksum on the way back (counted as misses too)
+  uint64_t read_errors = 0;     // I/O errors on read (counted as misses too)
+  uint64_t bytes_written = 0;
+  uint64_t bytes_read = 0;
+  uint64_t recovered_blocks = 0;  // found by the last Open
+  uint64_t evicted_blocks = 0;
+  uint64_t fsyncs = 0;
+};
+
+class NvmeTier {
+ public:
+  // Creates the tier in options.directory, or reopens (and recovers) the one there. Blocks move
+  // between the tier and `staging`, whose arena is registered with io_uring; the pool must
+  // outlive the tier.
+  static Result<std::unique_ptr<NvmeTier>> Open(const NvmeTierOptions& options, HostPool& staging);
+  ~NvmeTier();  // drains, then closes
+  NvmeTier(const NvmeTier&) = delete;
+  NvmeTier& operator=(const NvmeTier&) = delete;
+
+  // DRAM -> NVMe: keys[i] gets the bytes of staging block pool_ids[i]. Keys already stored are
+  // skipped. A batch that does not fit in the free slots completes with kOutOfCapacity and
+  // writes nothing; an I/O error fails the handle (block_ok says which blocks made it).
+  Result<std::shared_ptr<TransferState>> Write(std::span<const BlockKey> keys, std::span<const int32_t> pool_ids);
+  // NVMe -> DRAM: block_ok()[i] is 1 when keys[i] was found and passed its checksum.
+  Result<std::shared_ptr<TransferState>> Read(std::span<const BlockKey> keys, std::span<const int32_t> pool_ids);
+
+  void Contains(std::span<const BlockKey> keys, uint8_t* out) const;
+  uint64_t Evict(std::span<const BlockKey> keys);
+  std::vector<BlockKey> Keys() const;
+  NvmeTierStats stats() const;
+  void Drain();
+  // Test switch: every every_nth payload/header operation completes with -EIO (0: off).
+  void InjectIoErrors(uint64_t every_nth) noexcept { inject_every_.store(every_nth); }
+
+  uint64_t block_bytes() const noexcept { return options_.block_bytes; }
+  uint64_t slot_bytes() const noexcept { return slot_bytes_; }
+  uint32_t num_slots() const noexcept { return options_.num_slots; }
+  uint32_t queue_depth() const noexcept { return options_.queue_depth; }
+  const std::string& io_mode() const noexcept { return io_mode_; }
+  const std::string& path() const noexcept { return slots_path_; }
+
+ private:
+  struct Request;
+  struct IoOp {
+    enum class Kind : uint8_t { kPayloadWrite, kHeaderWrite, kPayloadRead, kFsync };
+    Kind kind;
+    uint32_t block;  // index into the request's blocks
+    Request* req;
+    std::byte* buf;
+    uint32_t len;
+    uint64_t offset;  // in the slots file
+  };
+  struct IndexEntry {
+    uint32_t slot;
+    uint64_t checksum;
+    uint64_t generation;
+    bool valid;  // false while its write is in flight
+  };
+
+  NvmeTier(const NvmeTierOptions& options, HostPool& staging);
+  Status Init();
+  Status Recover();
+  void CompletionLoop();
+  void Enqueue(IoOp* op);
+  void Pump();  // moves backlog into the ring; takes sq_mu_
+  void OnOpDone(IoOp* op, int res);
+  void BlockDone(Request& req, uint32_t block, bool ok);
+  void RequestIoDone(Request& req);
+  void Finalize(Request& req);
+  int BufferIndex(const std::byte* p) const;
+
+  NvmeTierOptions options_;
+  HostPool& staging_;
+  uint64_t payload_bytes_ = 0;  // block_bytes rounded up to 4 KiB
+  uint64_t slot_bytes_ = 0;
+  std::string super_path_, slots_path_, io_mode_;
+  int super_fd_ = -1;
+  int fd_ = -1;
+  bool direct_ = true;
+
+  io_uring ring_{};
+  bool ring_ready_ = false;
+  bool fixed_buffers_ = false;
+  uint64_t iov_span_bytes_ = 0;  // arena bytes per registered buffer
+  int header_buf_index_ = -1;
+  std::byte* header_area_ = nullptr;  // queue_depth headers of 4 KiB
+
+  std::mutex sq_mu_;
+  std::deque<IoOp*> backlog_;             // guarded by sq_mu_
+  uint32_t inflight_ops_ = 0;             // guarded by sq_mu_
+  std::vector<std::byte*> free_headers_;  // guarded by sq_mu_
+  bool stopping_ = false;                 // guarded by sq_mu_
+  std::thread completion_thread_;
+
+  mutable std::mutex index_mu_;
+  std::unordered_map<BlockKey, IndexEntry, BlockKeyHash> index_;  // guarded by index_mu_
+  BlockAllocator slots_;
+  uint64_t next_generation_ = 1;  // guarded by index_mu_
+
+  std::atomic<uint64_t> active_requests_{0};
+  std::atomic<uint64_t> op_counter_{0}, inject_every_{0};
+  std::atomic<uint64_t> blocks_written_{0}, dedup_{0}, write_errors_{0}, read_hits_{0}, read_misses_{0},
+      corrupt_{0}, read_errors_{0}, bytes_written_{0}, bytes_read_{0}, recovered_{0}, evicted_{0}, fsyncs_{0};
+};
+
+}  // namespace kvtier
