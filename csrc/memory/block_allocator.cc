@@ -93,7 +93,9 @@ Status BlockAllocator::Unref(std::span<const int32_t> ids) {
       return BlockStateError("block " + std::to_string(id) + " is pinned; unpin it before freeing");
     }
   }
-  for (auto [id, count] : counts) {
+  // Highest id first, so the batch's lowest id ends on top of the free stack (reused first).
+  for (auto it = counts.rbegin(); it != counts.rend(); ++it) {
+    const auto [id, count] = *it;
     refcount_[id] -= count;
     if (refcount_[id] == 0) {
       free_list_.push_back(id);

@@ -1,0 +1,299 @@
+"""NVMe tier: round trips, durability across restarts, crashes, corruption, full tier, I/O errors."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvtier
+from kvtier import _core
+
+pytestmark = pytest.mark.skipif(not getattr(_core, "HAVE_NVME", False), reason="kvtier built without io_uring")
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import nvme_crash_writer as writer  # noqa: E402
+
+
+def fill(pool: kvtier.HostPool, ids: np.ndarray, seed: int) -> np.ndarray:
+    view = pool.view()
+    rng = np.random.default_rng(seed)
+    for i in ids:
+        view[i] = rng.integers(0, 256, size=pool.block_bytes, dtype=np.uint8)
+    return view[ids].copy()
+
+
+@pytest.fixture
+def pool() -> kvtier.HostPool:
+    return kvtier.HostPool(64 * 1024, num_blocks=32)
+
+
+def test_round_trip_and_restart(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    ids = pool.allocate(16)
+    data = fill(pool, ids, seed=1)
+    keys = np.arange(100, 116)
+    with kvtier.NvmeTier(tmp_path, pool, num_slots=64) as tier:
+        assert "O_DIRECT" in tier.io_mode
+        tier.write(keys, ids).wait()
+        assert tier.contains(keys).all()
+        assert tier.stats()["fsyncs"] >= 1
+    pool.view()[ids] = 0
+    with kvtier.NvmeTier(tmp_path, pool, num_slots=64) as tier:
+        assert tier.stats()["recovered_blocks"] == 16
+        h = tier.read(keys[::-1], ids)
+        h.wait()
+        assert h.block_ok.all()
+        np.testing.assert_array_equal(pool.view()[ids], data[::-1])
+
+
+def test_unaligned_block_size_is_padded(tmp_path: Path) -> None:
+    pool = kvtier.HostPool(5000, num_blocks=4)  # not a multiple of 4 KiB
+    ids = pool.allocate(4)
+    data = fill(pool, ids, seed=2)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=8)
+    tier.write([1, 2, 3, 4], ids).wait()
+    pool.view()[ids] = 0
+    h = tier.read([1, 2, 3, 4], ids)
+    h.wait()
+    assert h.block_ok.all()
+    np.testing.assert_array_equal(pool.view()[ids], data)
+
+
+def test_missing_keys_are_misses_not_errors(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    ids = pool.allocate(3)
+    fill(pool, ids, seed=3)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=8)
+    tier.write([7], ids[:1]).wait()
+    h = tier.read([7, 8, 9], ids)
+    h.wait()
+    assert h.block_ok.tolist() == [True, False, False]
+    assert tier.stats()["read_misses"] == 2
+
+
+def test_duplicate_writes_are_deduplicated(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    ids = pool.allocate(2)
+    fill(pool, ids, seed=4)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=8)
+    tier.write([5, 6], ids).wait()
+    tier.write([5, 6], ids).wait()
+    s = tier.stats()
+    assert s["blocks_written"] == 2 and s["blocks_deduplicated"] == 2 and s["used_slots"] == 2
+
+
+
+
+def test_corrupt_payload_is_a_counted_miss_and_removed(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    ids = pool.allocate(4)
+    data = fill(pool, ids, seed=5)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=4)
+    tier.write([10, 11, 12, 13], ids).wait()
+    slot_bytes = tier._core.slot_bytes
+    tier.close()
+    # Flip one byte in the payload of slot 2 (key 12) behind the tier's back.
+    with open(tmp_path / "kvtier.slots", "r+b") as f:
+        f.seek(2 * slot_bytes + 1234)
+        b = f.read(1)
+        f.seek(2 * slot_bytes + 1234)
+        f.write(bytes([b[0] ^ 0xFF]))
+    pool.view()[ids] = 0
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=4)
+    h = tier.read([10, 11, 12, 13], ids)
+    h.wait()
+    assert h.block_ok.tolist() == [True, True, False, True]
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(pool.view()[ids[i]], data[i])
+    s = tier.stats()
+    assert s["corrupt_blocks"] == 1 and s["read_misses"] == 1
+    assert tier.contains([12]).tolist() == [False]  # removed, never found again
+
+
+def test_corrupt_header_is_not_recovered(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    ids = pool.allocate(2)
+    fill(pool, ids, seed=6)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=2)
+    tier.write([1, 2], ids).wait()
+    slot_bytes, payload = tier._core.slot_bytes, tier._core.slot_bytes - 4096
+    tier.close()
+    with open(tmp_path / "kvtier.slots", "r+b") as f:
+        f.seek(1 * slot_bytes + payload + 24)  # inside key 2's header (its generation field)
+        f.write(b"\x99")
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=2)
+    assert tier.contains([1, 2]).tolist() == [True, False]
+    assert tier.stats()["recovered_blocks"] == 1
+
+
+def test_full_tier_fails_the_handle_and_keeps_stored_blocks(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    ids = pool.allocate(6)
+    data = fill(pool, ids, seed=7)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=4)
+    tier.write([1, 2, 3], ids[:3]).wait()
+    h = tier.write([4, 5], ids[3:5])  # needs 2 slots, 1 free: nothing is written
+    with pytest.raises(kvtier.OutOfCapacityError, match="full"):
+        h.wait()
+    assert tier.contains([1, 2, 3, 4, 5]).tolist() == [True, True, True, False, False]
+    assert tier.evict([1]) == 1
+    tier.write([4, 5], ids[3:5]).wait()
+    pool.view()[ids] = 0
+    h = tier.read([2, 3, 4, 5], ids[1:5])
+    h.wait()
+    assert h.block_ok.all()
+    np.testing.assert_array_equal(pool.view()[ids[1:5]], data[1:5])
+
+
+def test_injected_write_errors_fail_only_their_blocks(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    ids = pool.allocate(8)
+    data = fill(pool, ids, seed=8)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=16, io_chunk_bytes=16384)
+    tier.inject_io_errors(7)
+    h = tier.write(np.arange(1, 9), ids)
+    with pytest.raises(kvtier.TransferError, match="not written"):
+        h.wait()
+    ok = h.block_ok
+    assert 0 < ok.sum() < 8
+    tier.inject_io_errors(0)
+    assert tier.contains(np.arange(1, 9)).tolist() == ok.tolist()
+    assert tier.stats()["write_errors"] == int((~ok).sum())
+    assert tier.stats()["used_slots"] == int(ok.sum())  # failed blocks gave their slots back
+    pool.view()[ids] = 0
+    h = tier.read(np.arange(1, 9), ids)
+    h.wait()
+    assert h.block_ok.tolist() == ok.tolist()
+    np.testing.assert_array_equal(pool.view()[ids[ok]], data[ok])
+
+
+def test_injected_read_errors_are_misses(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    ids = pool.allocate(4)
+    fill(pool, ids, seed=9)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=4)
+    tier.write([1, 2, 3, 4], ids).wait()
+    tier.inject_io_errors(1)
+    h = tier.read([1, 2, 3, 4], ids)
+    h.wait()  # a read error degrades the cache, it does not fail the caller
+    assert not h.block_ok.any()
+    assert tier.stats()["read_errors"] == 4
+
+
+def test_preallocation_failure_is_a_clear_error(tmp_path: Path) -> None:
+    code = (
+        "import resource, signal, sys, kvtier\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "pool = kvtier.HostPool(65536, num_blocks=1)\n"
+        "try:\n"
+        f"    kvtier.NvmeTier({str(tmp_path)!r}, pool, num_slots=1000)\n"
+        "except kvtier.OutOfCapacityError as e:\n"
+        "    print('ERR', e); sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cannot preallocate" in out.stdout
+
+
+def test_bad_input(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    with pytest.raises(kvtier.InvalidArgumentError, match="smaller than one block"):
+        kvtier.NvmeTier(tmp_path, pool, capacity_bytes=100)
+    with pytest.raises(kvtier.InvalidArgumentError, match="exactly one"):
+        kvtier.NvmeTier(tmp_path, pool)
+    tier = kvtier.NvmeTier(tmp_path / "a", pool, num_slots=4)
+    with pytest.raises(kvtier.BusyError, match="open in another"):
+        kvtier.NvmeTier(tmp_path / "a", pool, num_slots=4)
+    other = kvtier.HostPool(8192, num_blocks=2)
+    tier.close()
+    with pytest.raises(kvtier.InvalidArgumentError, match="same block size"):
+        kvtier.NvmeTier(tmp_path / "a", other, num_slots=4)
+    tier = kvtier.NvmeTier(tmp_path / "a", pool, num_slots=4)
+    with pytest.raises(kvtier.InvalidArgumentError, match="out of range"):
+        tier.write([1], [999])
+    with pytest.raises(kvtier.BlockStateError, match="not allocated"):
+        tier.write([1], [0])  # pool block 0 was never allocated
+    ids = pool.allocate(2)
+    with pytest.raises(kvtier.InvalidArgumentError, match="differ in length"):
+        tier.read([1, 2, 3], ids)
+    with pytest.raises(kvtier.InvalidArgumentError, match="more than once"):
+        tier.read([1, 2], [ids[0], ids[0]])
+    with pytest.raises(kvtier.InvalidArgumentError, match="2\\*\\*128"):
+        tier.contains([-1])
+    with pytest.raises(kvtier.InvalidArgumentError, match="queue_depth"):
+        kvtier.NvmeTier(tmp_path / "b", pool, num_slots=4, queue_depth=0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="io_chunk_bytes"):
+        kvtier.NvmeTier(tmp_path / "c", pool, num_slots=4, io_chunk_bytes=1000)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "kvtier.super").write_bytes(b"garbage" * 100)
+    with pytest.raises(kvtier.InvalidArgumentError, match="not a valid kvtier NVMe superblock"):
+        kvtier.NvmeTier(tmp_path / "d", pool, num_slots=4)
+    tier.close()
+    with pytest.raises(kvtier.ClosedError):
+        tier.contains([1])
+
+
+def _crash_once(directory: Path, rng: random.Random, first_key: int) -> tuple[set[int], int]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "nvme_crash_writer.py"), str(directory), str(first_key)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # Let it start (import + open) and then run for a random while before kill -9.
+    deadline = time.monotonic() + 30
+    line = proc.stdout.readline()  # first event: the writer is up
+    assert line, proc.stderr.read()
+    time.sleep(rng.uniform(0.0, 0.25))
+    os.kill(proc.pid, signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    acked: set[int] = set()
+    max_key = first_key
+    for ev in (line + rest).splitlines():
+        kind, key = ev.split()
+        k = int(key)
+        max_key = max(max_key, k)
+        if kind == "A":
+            acked.add(k)
+        else:
+            acked.discard(k)
+    return acked, max_key + 1
+
+
+def _check_after_crash(directory: Path, acked: set[int]) -> int:
+    pool = kvtier.HostPool(writer.BLOCK_BYTES, num_blocks=writer.SLOTS)
+    ids = pool.allocate(writer.SLOTS)
+    with kvtier.NvmeTier(directory, pool, num_slots=writer.SLOTS, queue_depth=8, io_chunk_bytes=16384) as tier:
+        stored = [int(k[1]) for k in tier.keys()]
+        missing = acked - set(stored)
+        assert not missing, f"acknowledged blocks lost after kill -9: {sorted(missing)}"
+        h = tier.read(stored, ids[: len(stored)])
+        h.wait()
+        view = pool.view()
+        for i, k in enumerate(stored):
+            if h.block_ok[i]:
+                np.testing.assert_array_equal(view[ids[i]], writer.expected_block(k), err_msg=f"key {k} is wrong")
+            else:
+                assert k not in acked, f"acknowledged block {k} failed its checksum"
+        return int((~h.block_ok).sum())
+
+
+def _crash_loop(tmp_path: Path, iterations: int, seed: int) -> None:
+    rng = random.Random(seed)
+    print(f"crash test seed={seed} iterations={iterations}")
+    key = 1
+    torn = 0
+    for _ in range(iterations):
+        acked, key = _crash_once(tmp_path, rng, key)
+        torn += _check_after_crash(tmp_path, acked)
+    print(f"blocks caught torn by their checksum: {torn}")
+
+
+def test_kill_9_never_loses_acknowledged_or_returns_torn_blocks(tmp_path: Path) -> None:
+    _crash_loop(tmp_path, iterations=8, seed=1234)
+
+
+@pytest.mark.slow
+def test_kill_9_many_times(tmp_path: Path) -> None:
+    _crash_loop(tmp_path, iterations=60, seed=99)
