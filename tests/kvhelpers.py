@@ -9,7 +9,8 @@ import torch
 
 import kvtier
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "int8": torch.int8, "uint8": torch.uint8}
 
 
 def random_bytes(rng: np.random.Generator, nbytes: int) -> np.ndarray:

@@ -318,8 +318,6 @@ def test_allocate_needs_a_non_negative_int(n) -> None:
     assert pool.free_blocks == 4
 
 
-@pytest.mark.xfail(strict=True, reason="bug: allocate(n) allocates an n-entry id buffer before the "
-                   "capacity check (bindings/module.cc, HostPool.allocate): a huge n raises MemoryError")
 @pytest.mark.parametrize("n", [2**40, 2**61])
 def test_allocate_far_beyond_capacity_is_out_of_capacity(n: int) -> None:
     pool = kvtier.HostPool(64, num_blocks=4)

@@ -150,6 +150,8 @@ NB_MODULE(_core, m) {
       .def_prop_ro("free_blocks", [](HostPool& p) { return p.allocator().free_blocks(); })
       .def("allocate",
            [](HostPool& p, size_t n) {
+             // Refuse impossible sizes before sizing the id buffer (Allocate checks capacity first).
+             if (n > p.num_blocks()) ThrowIfError(p.allocator().Allocate(n, nullptr));
              auto* ids = new int32_t[n == 0 ? 1 : n];
              nb::capsule owner(ids, [](void* q) noexcept { delete[] static_cast<int32_t*>(q); });
              ThrowIfError(p.allocator().Allocate(n, ids));

@@ -25,7 +25,7 @@ std::vector<std::pair<int32_t, uint32_t>> CountIds(std::span<const int32_t> ids)
 }  // namespace
 
 BlockAllocator::BlockAllocator(uint32_t num_blocks)
-    : num_blocks_(num_blocks), refcount_(num_blocks, 0), pins_(num_blocks, 0) {
+    : num_blocks_(num_blocks), refcount_(num_blocks, 0), pins_(num_blocks, 0), leases_(num_blocks, 0) {
   free_list_.reserve(num_blocks);
   for (uint32_t i = num_blocks; i > 0; --i) free_list_.push_back(static_cast<int32_t>(i - 1));
   stats_.num_blocks = num_blocks;
@@ -89,7 +89,7 @@ Status BlockAllocator::Unref(std::span<const int32_t> ids) {
                                  : "block " + std::to_string(id) + " released " + std::to_string(count) +
                                        " times but has only " + std::to_string(refcount_[id]) + " holder(s)");
     }
-    if (refcount_[id] == count && pins_[id] > 0) {
+    if (pins_[id] > 0 && refcount_[id] - count <= leases_[id]) {
       return BlockStateError("block " + std::to_string(id) + " is pinned; unpin it before freeing");
     }
   }
@@ -104,6 +104,29 @@ Status BlockAllocator::Unref(std::span<const int32_t> ids) {
     }
   }
   return Status::Ok();
+}
+
+Status BlockAllocator::Lease(std::span<const int32_t> ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KVTIER_RETURN_IF_ERROR(CheckAllocatedLocked(ids));
+  for (int32_t id : ids) {
+    ++refcount_[id];
+    ++leases_[id];
+  }
+  return Status::Ok();
+}
+
+void BlockAllocator::Unlease(std::span<const int32_t> ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (int32_t id : ids) {
+    if (id < 0 || static_cast<uint32_t>(id) >= num_blocks_ || leases_[id] == 0) continue;  // not leased: ignore
+    --leases_[id];
+    if (--refcount_[id] == 0) {
+      free_list_.push_back(id);
+      --stats_.used_blocks;
+      ++stats_.freed_total;
+    }
+  }
 }
 
 Status BlockAllocator::Pin(std::span<const int32_t> ids) {

@@ -5,7 +5,10 @@
 // (refcount >= 1). Allocate hands out blocks with refcount 1; Ref adds a holder; Unref (== free)
 // removes one, and the block returns to the free list when the last holder leaves. A pinned
 // block (pin count > 0) must not lose its last holder: Unref that would free a pinned block is
-// rejected, so pinning is a promise that the block's bytes stay where they are. Every batch call
+// rejected, so pinning is a promise that the block's bytes stay where they are. A *lease* is a
+// holder taken by an in-flight transfer (Lease/Unlease): while a block is pinned, Unref may not
+// leave it with only leases as holders, so a lease can always be returned (Unlease never fails)
+// and never has to free a pinned block. Every batch call
 // validates the whole batch before changing anything: a rejected batch changes no state.
 #pragma once
 
@@ -38,6 +41,9 @@ class BlockAllocator {
   Status Allocate(size_t n, int32_t* out);
   Status Ref(std::span<const int32_t> ids);
   Status Unref(std::span<const int32_t> ids);
+  // A transfer's hold on allocated blocks; Unlease returns it and frees blocks left unheld.
+  Status Lease(std::span<const int32_t> ids);
+  void Unlease(std::span<const int32_t> ids);
   Status Pin(std::span<const int32_t> ids);
   Status Unpin(std::span<const int32_t> ids);
   // OK when every id is in range and allocated.
@@ -57,6 +63,7 @@ class BlockAllocator {
   std::vector<int32_t> free_list_;  // guarded by mu_; a stack, lowest ids on top at creation
   std::vector<uint32_t> refcount_;  // guarded by mu_
   std::vector<uint32_t> pins_;      // guarded by mu_
+  std::vector<uint32_t> leases_;    // guarded by mu_; leases_[id] <= refcount_[id]
   AllocatorStats stats_;            // guarded by mu_
 };
 

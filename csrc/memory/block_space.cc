@@ -32,13 +32,13 @@ Result<std::unique_ptr<HostPool>> HostPool::Create(uint64_t block_bytes, uint32_
 }
 
 Status HostPool::Acquire(std::span<const int32_t> ids, bool /*write*/) {
-  // Ref validates range and allocation state for the whole batch before changing anything.
-  return allocator_.Ref(ids);
+  // Lease validates range and allocation state for the whole batch before changing anything.
+  return allocator_.Lease(ids);
 }
 
 void HostPool::Release(std::span<const int32_t> ids) {
-  // Cannot fail: Acquire took exactly these references and pinned blocks keep >= 1 holder.
-  (void)allocator_.Unref(ids);
+  // Never fails: see Note [Block states] on leases.
+  allocator_.Unlease(ids);
 }
 
 // ---------------------------------------------------------------- layout decomposition
@@ -51,9 +51,11 @@ Status DecomposeBlockRuns(const TensorDesc& t, int block_dim, std::vector<Segmen
                            std::to_string(ndim) + "-d tensor");
   }
   if (t.itemsize == 0) return InvalidArgument("tensor itemsize is 0");
-  if (t.data == nullptr) return InvalidArgument("tensor has no data pointer");
   for (int d = 0; d < ndim; ++d) {
     if (t.shape[d] <= 0) return InvalidArgument("tensor has an empty dimension " + std::to_string(d));
+  }
+  if (t.data == nullptr) return InvalidArgument("tensor has no data pointer");
+  for (int d = 0; d < ndim; ++d) {
     if (t.shape[d] > 1 && t.strides[d] <= 0) {
       return InvalidArgument("tensor dimension " + std::to_string(d) +
                              " has stride <= 0 (expanded or flipped views cannot hold KV blocks)");

@@ -98,11 +98,13 @@ Result<std::shared_ptr<TransferState>> CopyEngine::Submit(BlockSpace& src, std::
     if (dup != sorted.end()) {
       return InvalidArgument("target block " + std::to_string(*dup) + " appears more than once in one batch");
     }
-    if (&src == &dst) {
-      for (int32_t id : src_ids) {
-        if (std::binary_search(sorted.begin(), sorted.end(), id)) {
-          return InvalidArgument("block " + std::to_string(id) + " is both a source and a target in one batch");
-        }
+  }
+  if (&src == &dst && !dst_ids.empty()) {
+    std::vector<int32_t> targets(dst_ids.begin(), dst_ids.end());
+    std::sort(targets.begin(), targets.end());
+    for (int32_t id : src_ids) {
+      if (std::binary_search(targets.begin(), targets.end(), id)) {
+        return InvalidArgument("block " + std::to_string(id) + " is both a source and a target in one batch");
       }
     }
   }

@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: ``kvtier info``, ``kvtier bench copy``."""
+"""The ``kvtier`` command: ``kvtier info``, ``kvtier bench copy``, ``kvtier bench nvme``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("--seed", type=int, default=0, help="seed for block-id permutations")
     copy.add_argument("--quick", action="store_true", help="small and fast (64 MiB, 3 reps): a smoke run")
     copy.add_argument("--no-progress", action="store_true", help="no progress bar")
+    nvme = bsub.add_parser("nvme", help="NVMe tier vs fio (io_uring, O_DIRECT) and NIXL's POSIX backend")
+    nvme.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
+    nvme.add_argument("--dir", default=None, help="directory on the file system to test (default: a new one here)")
+    nvme.add_argument("--size-mib", type=_positive_int, default=512, help="bytes per case (default 512 MiB)")
+    nvme.add_argument("--reps", type=_positive_int, default=3, help="repetitions per case (median reported)")
+    nvme.add_argument("--queue-depth", type=_positive_int, default=64, help="I/O queue depth for kvtier and fio")
+    nvme.add_argument("--io-chunk-kib", type=_positive_int, default=1024, help="kvtier I/O chunk size (KiB)")
+    nvme.add_argument("--cases", default=None, help="only cases whose name contains this text")
+    nvme.add_argument("--nixl-python", default=None,
+                      help="python that has nixl-cu12 installed (default: $KVTIER_NIXL_PYTHON or this one)")
+    nvme.add_argument("--seed", type=int, default=0)
+    nvme.add_argument("--quick", action="store_true", help="small and fast (64 MiB, 1 rep): a smoke run")
+    nvme.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -59,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             size, reps = (64, 3) if args.quick else (args.size_mib, args.reps)
             copy.run(size_mib=size, reps=reps, threads=args.threads, block_tokens=args.block_tokens,
                      cases=args.cases, seed=args.seed, json_path=args.json, progress=not args.no_progress)
+            return 0
+        if args.command == "bench" and args.suite == "nvme":
+            from kvtier.benchmarks import nvme
+
+            size, reps = (64, 1) if args.quick else (args.size_mib, args.reps)
+            nvme.run(directory=args.dir, size_mib=size, reps=reps, queue_depth=args.queue_depth,
+                     io_chunk_bytes=args.io_chunk_kib << 10, cases=args.cases, nixl_python=args.nixl_python,
+                     seed=args.seed, json_path=args.json, progress=not args.no_progress)
             return 0
     except KvtierError as e:
         print(f"kvtier: error: {e}", file=sys.stderr)

@@ -26,6 +26,10 @@ _ALIASES = {"half": "float16", "float": "float32", "fp16": "float16", "bf16": "b
 
 def dtype_name(dtype: Any) -> str:
     """Canonical name of a torch dtype, numpy dtype or string (``torch.bfloat16`` -> ``bfloat16``)."""
+    if isinstance(dtype, type):  # numpy scalar types such as np.float32
+        import numpy as np
+
+        dtype = np.dtype(dtype)
     name = str(dtype).removeprefix("torch.")
     name = _ALIASES.get(name, name)
     if name not in DTYPE_SIZES:

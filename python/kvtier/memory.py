@@ -283,6 +283,9 @@ def register_kv(tensors: Any, layout: KVLayout, kind: str = "vllm_flash") -> KVR
         if num_blocks is not None and nb != num_blocks:
             raise InvalidArgumentError(f"tensor {i} has {nb} blocks, tensor 0 has {num_blocks}")
         num_blocks = nb
+        flags = getattr(t, "flags", None)
+        if flags is not None and not flags.writeable:
+            raise InvalidArgumentError(f"tensor {i} is a read-only array; kvtier writes KV into registered memory")
         dev = _tensor_device(t)
         if not (dev == "cpu" or dev.startswith("cuda")):
             raise DeviceError(f"tensor {i} is on {dev}; kvtier registers cpu and cuda tensors")

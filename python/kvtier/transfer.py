@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import weakref
 from collections.abc import Generator
 from typing import Any
@@ -151,8 +152,9 @@ class CopyEngine:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InvalidArgumentError(f"threads must be a positive int or None, got {threads!r}")
         self._core = _core.CopyEngine(threads or 0, nontemporal_threshold_bytes)
-        self._pending: list[TransferHandle] = []
+        self._pending: list[TransferHandle] = []  # guarded by _lock
         self._prune_at = 64
+        self._lock = threading.Lock()
         self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncWaiter] = (
             weakref.WeakKeyDictionary()
         )
@@ -175,10 +177,11 @@ class CopyEngine:
         core = self._core.submit(s, as_block_ids(src_ids, "source ids"), d, as_block_ids(dst_ids, "target ids"))
         handle = TransferHandle(core, (src, dst), self)
         if not core.done():
-            self._pending.append(handle)
-            if len(self._pending) >= self._prune_at:
-                self._pending = [h for h in self._pending if not h._core.done()]
-                self._prune_at = max(64, 2 * len(self._pending))
+            with self._lock:
+                self._pending.append(handle)
+                if len(self._pending) >= self._prune_at:
+                    self._pending = [h for h in self._pending if not h._core.done()]
+                    self._prune_at = max(64, 2 * len(self._pending))
         return handle
 
     def gather(self, kv: KVRegistration, kv_ids: Any, pool: HostPool, pool_ids: Any) -> TransferHandle:
@@ -199,7 +202,8 @@ class CopyEngine:
     def drain(self) -> None:
         """Wait for every transfer submitted so far."""
         self._core.drain()
-        self._pending.clear()
+        with self._lock:
+            self._pending = [h for h in self._pending if not h._core.done()]
 
     def close(self) -> None:
         if self._closed:

@@ -1,34 +1,37 @@
 """Anchors for ``kvtier bench nvme``: what the disk does for fio and for NIXL's POSIX backend.
 
-Two anchors, both moving ``num_blocks`` blocks of ``block_bytes`` between DRAM and ONE file opened
-with O_DIRECT, in one batch:
+Both anchors move ``num_blocks`` blocks of ``block_bytes`` between DRAM and ONE file opened with
+O_DIRECT, as one batch, and return a dict with at least ``gbps`` (1e9 bytes/s, median over
+``repeat`` runs), ``iops`` and ``cmd``; the rest of the dict says how the number was obtained
+(every sample, every variant, the buffer kind, and device-level request statistics read from
+``/sys/block/<disk>/stat`` around each run).
 
-* :func:`run_fio` runs fio (``--ioengine=io_uring --direct=1``, one job) in a few io_uring
-  variants (plain, ``--fixedbufs``, ``--fixedbufs --registerfiles``, and, where hugetlb pages are
-  reserved, buffers on huge pages) and reports the best variant, with every variant's numbers.
-* :func:`run_nixl_posix` runs NIXL's POSIX backend (one agent, DRAM buffer and O_DIRECT fd
-  registered, one transfer of all blocks, timed from ``transfer()`` to ``DONE``) in a separate
-  Python process (``python_exe``), so NIXL can live in its own virtual environment. Every timed
-  read is checked byte for byte against what was written, so the number is for real data.
+* :func:`run_fio`: fio, ``--ioengine=io_uring --direct=1 --hipri=0``, one job, in the variants of
+  :data:`FIO_VARIANTS` (``--fixedbufs``, ``--registerfiles``, batched submission, hugetlb
+  buffers); the anchor is the variant with the best median, and all variants are reported.
+* :func:`run_nixl_posix`: NIXL's POSIX backend (one agent, the DRAM buffer and an O_DIRECT fd
+  registered, one transfer of all blocks timed from ``transfer()`` to ``DONE``), run in a
+  separate Python process (``python_exe``) so NIXL can live in its own virtual environment.
+  Every timed read is compared byte for byte with what was written (``verified``).
 
-Both return a dict with at least ``gbps`` (1e9 bytes/s, median over ``repeat``), ``iops`` and
-``cmd``; the rest of the dict says how the number was obtained (samples, variant, device-level
-request statistics from ``/sys/block/<dev>/stat``).
-
-What matters most on a virtio disk (see the findings in the module's report): how many
-*segments* each request has. A DRAM buffer on 4 KiB pages turns a 1 MiB request into 256
-scatter-gather segments; without indirect descriptors a virtio queue of 256 entries then holds
-only one such request. A buffer on (transparent) huge pages is one segment per request. That is
-why the ``huge_pages`` knob of :func:`run_nixl_posix` and the hugetlb variant of :func:`run_fio`
-exist, and why both report the buffer kind.
+What decides the numbers on a virtio disk (findings behind this module): the scatter-gather
+*segments* per request, and so the DRAM buffer's pages. A buffer on 4 KiB pages turns a 1 MiB
+I/O into up to 256 segments; a disk with ``max_segments`` 254 (virtio-blk without indirect
+descriptors) splits it in two and refuses to merge it with its neighbours. A buffer on huge
+pages is one segment per I/O, never split, and adjacent I/Os submitted in one batch merge up to
+``max_sectors_kb``. numpy arrays of 4 MiB or more are on transparent huge pages by default, fio's
+buffers are not (unless ``--iomem=mmaphuge``): that, not the I/O interface, is most of the gap
+between NIXL (Linux AIO) and fio (io_uring) with their default settings. Hence the
+``buffer_pages`` knob of :func:`run_nixl_posix` and the ``hugebufs`` variants of :func:`run_fio`.
 
 This module imports only the standard library at import time (numpy and NIXL only inside the
-NIXL worker), so ``python nvme_anchors.py --nixl-worker CONFIG_JSON`` runs under any Python that
-has numpy and NIXL, without kvtier installed.
+NIXL worker), so ``python -I nvme_anchors.py --nixl-worker CONFIG_JSON`` runs under any Python
+that has numpy and NIXL, without kvtier installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -37,27 +40,39 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 Mode = Literal["write", "read", "randread"]
 NixlQueue = Literal["default", "AIO", "URING", "POSIXAIO"]
+BufferPages = Literal["huge", "small", "scattered"]
 MODES: tuple[str, ...] = ("write", "read", "randread")
 
-#: fio io_uring variants tried by :func:`run_fio`; ``--hipri=0`` everywhere (no polled queues
-#: on virtio/most NVMe setups without ``poll_queues``; hipri=1 would fail or fall back).
+#: fio io_uring variants tried by :func:`run_fio`. Every command also has ``--hipri=0`` (no
+#: polled queues on virtio, nor on NVMe without ``poll_queues``: hipri=1 fails or falls back).
+#: ``{batch}`` becomes ``min(queue_depth, 64)``: submit that many SQEs per io_uring_enter, as
+#: NIXL's POSIX backend submits 64 iocbs per io_submit (one block plug, so adjacent I/Os merge).
+#: ``--iomem=mmaphuge`` puts fio's buffers on hugetlb pages (MAP_HUGETLB): a 1 MiB I/O is then one
+#: scatter-gather segment instead of up to 256. These variants run only when enough hugetlb pages
+#: are free (``reserve_hugetlb=True`` reserves them for the run, as root).
 FIO_VARIANTS: dict[str, list[str]] = {
     "plain": [],
     "fixedbufs": ["--fixedbufs=1"],
     "fixedbufs+registerfiles": ["--fixedbufs=1", "--registerfiles=1"],
-    # Buffers on hugetlb pages (MAP_HUGETLB): one segment per request. Tried only when enough
-    # hugetlb pages are free (``/proc/sys/vm/nr_hugepages``); otherwise reported as skipped.
-    "fixedbufs+registerfiles+hugebufs": ["--fixedbufs=1", "--registerfiles=1", "--iomem=mmaphuge"],
+    "fixedbufs+registerfiles+batch": ["--fixedbufs=1", "--registerfiles=1",
+                                      "--iodepth_batch_submit={batch}",
+                                      "--iodepth_batch_complete_min=1"],
+    "hugebufs": ["--iomem=mmaphuge"],
+    "hugebufs+fixedbufs+registerfiles": ["--iomem=mmaphuge", "--fixedbufs=1", "--registerfiles=1"],
+    "hugebufs+fixedbufs+registerfiles+batch": ["--iomem=mmaphuge", "--fixedbufs=1",
+                                               "--registerfiles=1", "--iodepth_batch_submit={batch}",
+                                               "--iodepth_batch_complete_min=1"],
 }
 
 _RESULT_MARK = "KVTIER_NIXL_RESULT "
 _HUGE = 2 << 20
 _PAGE = mmap.PAGESIZE
+_NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,17 +88,16 @@ def _check_args(block_bytes: int, num_blocks: int, mode: str) -> None:
         raise ValueError(f"num_blocks must be positive, got {num_blocks}")
 
 
-def _block_device_stat_path(path: str) -> str | None:
-    """``/sys/block/<disk>/stat`` of the whole disk holding ``path`` (None if not found)."""
+def block_device_stat_path(path: str) -> str | None:
+    """``/sys/block/<disk>/stat`` of the disk holding ``path`` (a partition's own stat if any)."""
     try:
-        st = os.stat(path if os.path.exists(path) else os.path.dirname(os.path.abspath(path)))
+        target = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
+        st = os.stat(target)
         sys_dir = os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     except OSError:
         return None
-    for d in (sys_dir, os.path.dirname(sys_dir)):  # a partition's stat counts, but queue is the disk's
-        if os.path.exists(os.path.join(d, "stat")) and os.path.exists(os.path.join(d, "queue")):
-            return os.path.join(d, "stat")
-    return os.path.join(sys_dir, "stat") if os.path.exists(os.path.join(sys_dir, "stat")) else None
+    stat = os.path.join(sys_dir, "stat")
+    return stat if os.path.exists(stat) else None
 
 
 def _read_dev_stat(stat_path: str | None) -> list[int] | None:
@@ -96,12 +110,14 @@ def _read_dev_stat(stat_path: str | None) -> list[int] | None:
         return None
 
 
-def _dev_stat_delta(before: list[int] | None, after: list[int] | None, seconds: float) -> dict[str, Any] | None:
+def _dev_stat_delta(before: list[int] | None, after: list[int] | None,
+                    seconds: float) -> dict[str, Any] | None:
     """Requests the block layer completed between two reads of ``/sys/block/<dev>/stat``.
 
     Fields (Documentation/block/stat.rst): 0 read ios, 2 read sectors, 4 write ios, 6 write
-    sectors, 10 time in queue (ms, the sum over requests, so / elapsed = mean requests in flight).
-    Other processes' I/O on the same disk counts too: read it as a hint, not as a measurement.
+    sectors, 10 time in queue (ms summed over requests, so / elapsed = mean requests in flight).
+    Other processes' I/O on the same disk counts too: compare ``read_mib``/``write_mib`` with
+    the bytes the anchor moved to see whether a sample was disturbed.
     """
     if before is None or after is None or len(before) < 11 or len(after) < 11 or seconds <= 0:
         return None
@@ -111,9 +127,36 @@ def _dev_stat_delta(before: list[int] | None, after: list[int] | None, seconds: 
     return {
         "read_requests": d[0],
         "write_requests": d[4],
+        "read_mib": round(d[2] * 512 / 2**20, 1),
+        "write_mib": round(d[6] * 512 / 2**20, 1),
         "mean_request_kib": round(sectors * 512 / ios / 1024, 1) if ios else None,
         "mean_requests_in_flight": round(d[10] / 1000 / seconds, 1),
     }
+
+
+def wait_for_quiet_disk(path: str, timeout_s: float = 10.0, window_s: float = 0.25,
+                        max_mib_per_s: float = 4.0) -> bool:
+    """Wait until the disk holding ``path`` moves under ``max_mib_per_s`` over ``window_s``.
+
+    On a shared machine (tests, builds, other benchmarks) a sample taken while something else
+    writes is worthless. Returns False if the disk never went quiet within ``timeout_s``, or
+    True (also when the disk cannot be watched).
+    """
+    stat_path = block_device_stat_path(path)
+    if stat_path is None:
+        return True
+    deadline = time.monotonic() + timeout_s
+    while True:
+        a = _read_dev_stat(stat_path)
+        time.sleep(window_s)
+        b = _read_dev_stat(stat_path)
+        if a is None or b is None:
+            return True
+        mib = ((b[2] - a[2]) + (b[6] - a[6])) * 512 / 2**20
+        if mib / window_s <= max_mib_per_s:
+            return True
+        if time.monotonic() >= deadline:
+            return False
 
 
 def _summary(samples_s: Sequence[float], nbytes: int, num_blocks: int) -> dict[str, Any]:
@@ -142,6 +185,33 @@ def hugetlb_free_bytes() -> int:
     return free * size_kib * 1024
 
 
+@contextlib.contextmanager
+def reserved_hugetlb(nbytes: int) -> Iterator[bool]:
+    """Make ``nbytes`` of hugetlb pages free for the ``with`` body, then restore the setting.
+
+    Raises ``/proc/sys/vm/nr_hugepages`` by what is missing (root only) and puts the old value
+    back afterwards. Yields whether enough pages are free.
+    """
+    knob = "/proc/sys/vm/nr_hugepages"
+    missing = nbytes - hugetlb_free_bytes()
+    old: int | None = None
+    if missing > 0:
+        try:
+            with open(knob) as f:
+                old = int(f.read())
+            with open(knob, "w") as f:
+                f.write(str(old + -(-missing // _HUGE)))
+        except (OSError, ValueError):
+            old = None
+    try:
+        yield hugetlb_free_bytes() >= nbytes
+    finally:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                with open(knob, "w") as f:
+                    f.write(str(old))
+
+
 # --------------------------------------------------------------------------------------------
 # fio
 
@@ -160,18 +230,20 @@ def fio_available(fio: str = "fio") -> str | None:
     return None
 
 
-def _fio_cmd(fio: str, path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode: str,
-             runtime_limit_s: float, extra: Sequence[str]) -> list[str]:
-    cmd = [
+def fio_command(path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode: Mode,
+                runtime_limit_s: float = 60, variant: str = "plain", fio: str = "fio") -> list[str]:
+    """The fio command line :func:`run_fio` runs for one variant of :data:`FIO_VARIANTS`."""
+    extra = [a.format(batch=min(queue_depth, 64)) for a in FIO_VARIANTS[variant]]
+    return [
         fio, "--name=kvtier-nvme-anchor", f"--filename={path}",
         "--ioengine=io_uring", "--direct=1", "--hipri=0", "--thread", "--numjobs=1",
         f"--bs={block_bytes}", f"--iodepth={queue_depth}", f"--size={block_bytes * num_blocks}",
         f"--rw={mode}", f"--runtime={max(1, int(runtime_limit_s))}",
-        # Writes overwrite a file fio laid out (wrote) beforehand, outside the timed phase, so a
+        # Writes overwrite a file laid out (written) beforehand, outside the timed phase, so a
         # write anchor never pays for extending the file or converting unwritten extents.
         "--overwrite=1", "--output-format=json",
+        *extra,
     ]
-    return cmd + list(extra)
 
 
 def _fio_once(cmd: list[str], mode: str, timeout_s: float) -> dict[str, Any]:
@@ -184,39 +256,42 @@ def _fio_once(cmd: list[str], mode: str, timeout_s: float) -> dict[str, Any]:
     if job.get("error"):
         raise RuntimeError(f"fio job error {job['error']}: {out.stderr.strip()[-2000:]}")
     side = job["write" if mode == "write" else "read"]
-    runtime_ms = side["runtime"]
+    if not side["bw_bytes"]:
+        raise RuntimeError("fio moved no bytes")
     return {
-        "seconds": side["io_bytes"] / side["bw_bytes"] if side["bw_bytes"] else runtime_ms / 1e3,
+        # fio's bw_bytes is io_bytes / runtime in ms: keep its own number, as seconds.
+        "seconds": side["io_bytes"] / side["bw_bytes"],
         "io_bytes": side["io_bytes"],
-        "bw_bytes": side["bw_bytes"],
         "iops": side["iops"],
         "clat_mean_us": round(side.get("clat_ns", {}).get("mean", 0.0) / 1e3, 1),
-        "usr_cpu": job.get("usr_cpu"),
-        "sys_cpu": job.get("sys_cpu"),
+        "cpu_pct": round((job.get("usr_cpu") or 0) + (job.get("sys_cpu") or 0), 1),
     }
 
 
 def _ensure_written(path: str, nbytes: int, block_bytes: int, fio: str, timeout_s: float) -> None:
-    """Make sure ``path`` holds ``nbytes`` of data really written (not a hole) before reads."""
+    """Make sure ``path`` holds ``nbytes`` of data really written (no holes) before the anchor."""
     try:
         st = os.stat(path)
         if st.st_size >= nbytes and st.st_blocks * 512 >= nbytes:
             return
     except FileNotFoundError:
         pass
-    cmd = _fio_cmd(fio, path, block_bytes, max(1, nbytes // block_bytes), 16, "write", timeout_s, [])
-    _fio_once(cmd, "write", timeout_s)
+    n = -(-nbytes // block_bytes)
+    _fio_once(fio_command(path, block_bytes, n, 16, "write", timeout_s, "plain", fio), "write", timeout_s)
 
 
 def run_fio(path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode: Mode,
-            runtime_limit_s: float = 60, *, repeat: int = 3,
-            variants: Sequence[str] | None = None, fio: str = "fio") -> dict[str, Any]:
+            runtime_limit_s: float = 60, *, repeat: int = 3, variants: Sequence[str] | None = None,
+            reserve_hugetlb: bool = False, quiet_wait_s: float = 10.0,
+            fio: str = "fio") -> dict[str, Any]:
     """fio io_uring O_DIRECT anchor: ``num_blocks`` x ``block_bytes`` at ``queue_depth`` on ``path``.
 
     Every variant in ``variants`` (default: all of :data:`FIO_VARIANTS`) runs ``repeat`` times,
-    interleaved; the anchor is the variant with the highest median. ``gbps`` is 1e9 bytes/s.
-    Reads (``read``, ``randread``: each block once, fio's random map) read a file that was
-    written beforehand (by a previous write run, or here if the file is short or sparse).
+    interleaved, each after the disk went quiet; the anchor is the variant with the best median.
+    The file is written before the first run if it is short or sparse, so reads (``read``, and
+    ``randread``: every block once, fio's random map) read real data and writes overwrite.
+    ``reserve_hugetlb`` reserves hugetlb pages for the ``hugebufs`` variants (root; restored
+    after); without it they run only if the pages are already free, else are marked skipped.
     Returns ``{"gbps", "iops", "cmd", "variant", "variants": {name: {...}}, ...}``.
     """
     _check_args(block_bytes, num_blocks, mode)
@@ -225,45 +300,48 @@ def run_fio(path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode
     reason = fio_available(fio)
     if reason:
         raise RuntimeError(reason)
+    names = list(variants) if variants is not None else list(FIO_VARIANTS)
+    unknown = [n for n in names if n not in FIO_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown fio variants {unknown}; known: {list(FIO_VARIANTS)}")
     nbytes = block_bytes * num_blocks
     timeout_s = runtime_limit_s + 60
-    if mode == "write":
-        # Lay out the file (fio --overwrite=1 would do it inside the first timed run's setup,
-        # which is excluded from fio's runtime anyway, but doing it here keeps runs alike).
-        _ensure_written(path, nbytes, block_bytes, fio, timeout_s)
-    else:
-        _ensure_written(path, nbytes, block_bytes, fio, timeout_s)
-    names = list(variants) if variants is not None else list(FIO_VARIANTS)
-    # mmaphuge needs bs*iodepth (+ fio's alignment slack) of free hugetlb pages.
-    need_huge = block_bytes * queue_depth + _HUGE
-    results: dict[str, dict[str, Any]] = {}
-    runnable = []
-    for name in names:
-        extra = FIO_VARIANTS[name]
-        cmd = _fio_cmd(fio, path, block_bytes, num_blocks, queue_depth, mode, runtime_limit_s, extra)
-        results[name] = {"cmd": " ".join(cmd)}
-        if any(a.startswith("--iomem=mmaphuge") for a in extra) and hugetlb_free_bytes() < need_huge:
-            results[name]["skipped"] = (f"needs {need_huge >> 20} MiB of free hugetlb pages "
-                                        f"(have {hugetlb_free_bytes() >> 20}); "
-                                        "echo N > /proc/sys/vm/nr_hugepages to try it")
-            continue
-        runnable.append((name, cmd))
-    samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in runnable}
-    stat_path = _block_device_stat_path(path)
-    dev: dict[str, list[dict[str, Any] | None]] = {name: [] for name, _ in runnable}
-    for _ in range(max(1, repeat)):
-        for name, cmd in runnable:
-            if "error" in results[name]:
+    _ensure_written(path, nbytes, block_bytes, fio, timeout_s)
+    # --iomem=mmaphuge maps bs*iodepth (+ alignment) in hugetlb pages.
+    need_huge = block_bytes * queue_depth + 2 * _HUGE
+    wants_huge = any("--iomem=mmaphuge" in FIO_VARIANTS[n] for n in names)
+    with reserved_hugetlb(need_huge if (reserve_hugetlb and wants_huge) else 0):
+        have_huge = hugetlb_free_bytes() >= need_huge
+        results: dict[str, dict[str, Any]] = {}
+        runnable: list[tuple[str, list[str]]] = []
+        for name in names:
+            cmd = fio_command(path, block_bytes, num_blocks, queue_depth, mode, runtime_limit_s, name, fio)
+            results[name] = {"cmd": " ".join(cmd)}
+            if "--iomem=mmaphuge" in FIO_VARIANTS[name] and not have_huge:
+                results[name]["skipped"] = (
+                    f"needs {need_huge >> 20} MiB of free hugetlb pages, have "
+                    f"{hugetlb_free_bytes() >> 20} (reserve_hugetlb=True, or raise /proc/sys/vm/nr_hugepages)")
                 continue
-            before = _read_dev_stat(stat_path)
-            t0 = time.perf_counter()
-            try:
-                samples[name].append(_fio_once(cmd, mode, timeout_s))
-            except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
-                results[name]["error"] = str(e)
-                continue
-            # The fio process also lays out/opens the file: the window is wider than the I/O.
-            dev[name].append(_dev_stat_delta(before, _read_dev_stat(stat_path), time.perf_counter() - t0))
+            runnable.append((name, cmd))
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in runnable}
+        stat_path = block_device_stat_path(path)
+        noisy = 0
+        for _ in range(max(1, repeat)):
+            for name, cmd in runnable:
+                if "error" in results[name]:
+                    continue
+                if quiet_wait_s > 0 and not wait_for_quiet_disk(path, quiet_wait_s):
+                    noisy += 1
+                before = _read_dev_stat(stat_path)
+                t0 = time.perf_counter()
+                try:
+                    s = _fio_once(cmd, mode, timeout_s)
+                except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
+                    results[name]["error"] = str(e)
+                    continue
+                # The window also covers fio's start-up, so in-flight is a lower bound.
+                s["device"] = _dev_stat_delta(before, _read_dev_stat(stat_path), time.perf_counter() - t0)
+                samples[name].append(s)
     best_name = None
     for name, _ in runnable:
         s = samples[name]
@@ -272,8 +350,8 @@ def run_fio(path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode
         r = _summary([x["seconds"] for x in s], nbytes, num_blocks)
         r["iops"] = round(statistics.median(x["iops"] for x in s), 1)
         r["clat_mean_us"] = statistics.median(x["clat_mean_us"] for x in s)
-        r["cpu_pct"] = round(statistics.median((x["usr_cpu"] or 0) + (x["sys_cpu"] or 0) for x in s), 1)
-        r["device"] = dev[name][-1]
+        r["cpu_pct"] = statistics.median(x["cpu_pct"] for x in s)
+        r["device"] = sorted(s, key=lambda x: x["seconds"])[len(s) // 2]["device"]
         results[name].update(r)
         if best_name is None or r["gbps"] > results[best_name]["gbps"]:
             best_name = name
@@ -294,7 +372,8 @@ def run_fio(path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode
         "queue_depth": queue_depth,
         "bytes": nbytes,
         "repeat": repeat,
-        "buffers": "hugetlb" if "hugebufs" in best_name else "malloc (4 KiB pages)",
+        "buffer_pages": "huge (hugetlb)" if "hugebufs" in best_name else "small (malloc)",
+        "noisy_samples": noisy,
         "variants": results,
     }
 
@@ -302,31 +381,31 @@ def run_fio(path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode
 # --------------------------------------------------------------------------------------------
 # NIXL POSIX backend (in a subprocess)
 
-_NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
-
 
 def _default_python() -> str:
     return os.environ.get("KVTIER_NIXL_PYTHON") or sys.executable
 
 
 def nixl_available(python_exe: str | None = None, timeout_s: float = 120) -> str | None:
-    """None when ``python_exe`` (default ``$KVTIER_NIXL_PYTHON`` or this Python) can import NIXL
-    with a POSIX plugin and numpy; otherwise why not."""
+    """None when ``python_exe`` (default ``$KVTIER_NIXL_PYTHON``, else this Python) imports NIXL
+    (``pip install nixl-cu12``) with its POSIX plugin, and numpy; otherwise why not."""
     exe = python_exe or _default_python()
     probe = (
         "import importlib, sys\n"
         "import numpy\n"
+        "api = None\n"
         f"for m in {_NIXL_MODULES!r}:\n"
         "    try:\n"
         "        api = importlib.import_module(m); break\n"
         "    except ImportError:\n"
-        "        api = None\n"
+        "        pass\n"
         "if api is None: sys.exit('no NIXL module (pip install nixl-cu12)')\n"
         "a = api.nixl_agent('kvtier-probe', api.nixl_agent_config(enable_prog_thread=False, backends=[]))\n"
         "if 'POSIX' not in a.get_plugin_list(): sys.exit('NIXL has no POSIX plugin')\n"
     )
     try:
-        out = subprocess.run([exe, "-c", probe], capture_output=True, text=True, timeout=timeout_s)
+        out = subprocess.run([exe, "-I", "-c", probe], capture_output=True, text=True,
+                             timeout=timeout_s, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{exe}: {e}"
     if out.returncode != 0:
@@ -337,54 +416,72 @@ def nixl_available(python_exe: str | None = None, timeout_s: float = 120) -> str
 
 def run_nixl_posix(path: str, block_bytes: int, num_blocks: int, mode: Mode, repeat: int = 5, *,
                    python_exe: str | None = None, io_queue: NixlQueue = "default",
-                   huge_pages: bool = True, seed: int = 0, timeout_s: float = 600) -> dict[str, Any]:
+                   buffer_pages: BufferPages = "huge", seed: int = 0, quiet_wait_s: float = 10.0,
+                   timeout_s: float = 600) -> dict[str, Any]:
     """NIXL POSIX-backend anchor: one batched transfer of ``num_blocks`` x ``block_bytes``.
 
-    Runs in ``python_exe`` (default ``$KVTIER_NIXL_PYTHON`` or this Python) as
-    ``python -I nvme_anchors.py --nixl-worker CONFIG``; the result comes back as JSON on stdout.
-    The worker writes random data to ``path`` first (untimed), then times ``repeat`` transfers:
-    ``write`` overwrites the same blocks; ``read`` reads them back in order; ``randread`` reads
-    them in a random permutation (one descriptor per block). Every timed read, and a read-back
-    after the timed writes, is compared byte for byte with the data written (``verified``).
-    ``io_queue`` picks NIXL's kernel interface (``default`` is Linux AIO in the PyPI wheels);
-    ``huge_pages`` puts the DRAM buffer on transparent huge pages (as numpy does by default).
+    Runs in ``python_exe`` (default ``$KVTIER_NIXL_PYTHON``, else this Python) as
+    ``python -I nvme_anchors.py --nixl-worker CONFIG``, answering JSON on stdout. The worker
+    writes random data to ``path`` first (untimed), then times ``repeat`` transfers, each after
+    the disk went quiet: ``write`` overwrites the blocks, ``read`` reads them back in order,
+    ``randread`` in a random permutation (one descriptor per block). Every timed read, and a
+    read-back after the timed writes, is compared byte for byte with the data (``verified``).
+    ``io_queue``: NIXL's kernel interface (``default`` is Linux AIO in the PyPI wheels).
+    ``buffer_pages``: the DRAM buffer on transparent ``huge`` pages (what a numpy array of 4 MiB
+    or more gets by default), ``small`` 4 KiB pages (often physically contiguous anyway), or
+    ``scattered`` 4 KiB pages interleaved with another mapping's, so none are contiguous (what a
+    long-running process's malloc buffers look like).
     Returns ``{"gbps", "iops", "cmd", "verified", "samples_s", "device", ...}``.
     """
     _check_args(block_bytes, num_blocks, mode)
+    if buffer_pages not in ("huge", "small", "scattered"):
+        raise ValueError(f"buffer_pages must be huge, small or scattered, got {buffer_pages!r}")
     exe = python_exe or _default_python()
     cfg = {"path": os.path.abspath(path), "block_bytes": block_bytes, "num_blocks": num_blocks,
-           "mode": mode, "repeat": max(1, repeat), "io_queue": io_queue, "huge_pages": huge_pages,
-           "seed": seed}
+           "mode": mode, "repeat": max(1, repeat), "io_queue": io_queue,
+           "buffer_pages": buffer_pages, "seed": seed, "quiet_wait_s": quiet_wait_s}
     # -I: the script's folder (which has a copy.py) must not shadow the standard library.
     cmd = [exe, "-I", os.path.abspath(__file__), "--nixl-worker", json.dumps(cfg)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd="/")
     result = None
     for line in out.stdout.splitlines():
         if line.startswith(_RESULT_MARK):
             result = json.loads(line[len(_RESULT_MARK):])
-    if out.returncode != 0 or result is None:
-        tail = (out.stderr or out.stdout).strip()[-3000:]
-        raise RuntimeError(f"NIXL worker failed (exit {out.returncode}): {tail}")
-    if "error" in result:
-        raise RuntimeError(f"NIXL worker: {result['error']}")
+    if out.returncode != 0 or result is None or "error" in result:
+        why = result["error"] if result and "error" in result else (out.stderr or out.stdout).strip()[-3000:]
+        raise RuntimeError(f"NIXL worker failed (exit {out.returncode}): {why}")
     result["cmd"] = " ".join(cmd[:4]) + " '" + cmd[4] + "'"
     return result
 
 
-def _alloc_buffer(nbytes: int, huge_pages: bool) -> tuple[mmap.mmap, Any, int]:
-    """An anonymous, 2 MiB-aligned, populated buffer; returns (mapping, uint8 view, address)."""
+def _alloc_buffer(nbytes: int, pages: str) -> tuple[list[mmap.mmap], Any, int]:
+    """A 2 MiB-aligned anonymous buffer, every page faulted in; (mappings, uint8 view, address)."""
     import numpy as np
 
-    mm = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
-    if advice is not None:
-        mm.madvise(advice)
-    whole = np.frombuffer(mm, dtype=np.uint8)
+    def mapping() -> tuple[mmap.mmap, Any]:
+        mm = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        advice = getattr(mmap, "MADV_HUGEPAGE" if pages == "huge" else "MADV_NOHUGEPAGE", None)
+        if advice is not None:
+            mm.madvise(advice)
+        return mm, np.frombuffer(mm, dtype=np.uint8)
+
+    mm, whole = mapping()
+    maps = [mm]
+    if pages == "scattered":
+        # Fault this buffer's pages in alternately with a decoy's: consecutive physical pages
+        # go to different mappings, so no two neighbouring pages of the buffer are adjacent.
+        decoy_mm, decoy = mapping()
+        for off in range(0, whole.size, _PAGE):
+            whole[off] = 0
+            decoy[off] = 0
+        del decoy
+        with contextlib.suppress(BufferError):
+            decoy_mm.close()
     base = whole.ctypes.data
     off = (-base) % _HUGE
     view = whole[off:off + nbytes]
     view.fill(0)  # fault every page in now, not inside a timed transfer
-    return mm, view, base + off
+    return maps, view, base + off
 
 
 def _anon_huge_kib() -> int | None:
@@ -416,13 +513,12 @@ def _nixl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     bb: int = cfg["block_bytes"]
     n: int = cfg["num_blocks"]
     mode: str = cfg["mode"]
-    repeat: int = cfg["repeat"]
     nbytes = bb * n
     rng = np.random.default_rng(cfg["seed"])
     expected = np.frombuffer(rng.bytes(nbytes), dtype=np.uint8).reshape(n, bb)
     perm = rng.permutation(n) if mode == "randread" else np.arange(n)
 
-    mm, buf, addr = _alloc_buffer(nbytes, cfg["huge_pages"])
+    maps, buf, addr = _alloc_buffer(nbytes, cfg["buffer_pages"])
     blocks = buf.reshape(n, bb)
     thp_kib = _anon_huge_kib()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
@@ -432,19 +528,14 @@ def _nixl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         agent_name = f"kvtier-nvme-anchor-{os.getpid()}"
         agent = api.nixl_agent(agent_name, api.nixl_agent_config(
             enable_prog_thread=False, backends=[], capture_telemetry=True))
-        params: dict[str, str] = {}
-        if cfg["io_queue"] == "AIO":
-            params["use_aio"] = "true"
-        elif cfg["io_queue"] == "URING":
-            params["use_uring"] = "true"
-        elif cfg["io_queue"] == "POSIXAIO":
-            params["use_posix_aio"] = "true"
+        params = {"AIO": {"use_aio": "true"}, "URING": {"use_uring": "true"},
+                  "POSIXAIO": {"use_posix_aio": "true"}}.get(cfg["io_queue"], {})
         agent.create_backend("POSIX", params)
         dram_reg = agent.register_memory([(addr, nbytes, 0, "")], "DRAM", backends=["POSIX"])
         file_reg = agent.register_memory([(0, nbytes, fd, "")], "FILE", backends=["POSIX"])
-        dram_seq = agent.get_xfer_descs([(addr + i * bb, bb, 0) for i in range(n)], "DRAM")
+        dram_descs = agent.get_xfer_descs([(addr + i * bb, bb, 0) for i in range(n)], "DRAM")
         file_seq = agent.get_xfer_descs([(i * bb, bb, fd) for i in range(n)], "FILE")
-        file_perm = agent.get_xfer_descs([(int(p) * bb, bb, fd) for p in perm], "FILE")
+        file_rd = agent.get_xfer_descs([(int(p) * bb, bb, fd) for p in perm], "FILE")
 
         def run(handle: Any) -> float:
             t0 = time.perf_counter()
@@ -461,20 +552,23 @@ def _nixl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                 return all(np.array_equal(blocks[i], expected[perm[i]]) for i in range(n))
             return bool(np.array_equal(blocks, expected))
 
-        wr = agent.initialize_xfer("WRITE", dram_seq, file_seq, agent_name)
-        rd = agent.initialize_xfer("READ", dram_seq, file_perm if mode == "randread" else file_seq,
-                                   agent_name)
+        wr = agent.initialize_xfer("WRITE", dram_descs, file_seq, agent_name)
+        rd = agent.initialize_xfer("READ", dram_descs, file_rd, agent_name)
+        timed = wr if mode == "write" else rd
         blocks[:] = expected
-        run(wr)  # lay the data out (untimed), so reads read real data and writes overwrite
-        stat_path = _block_device_stat_path(path)
+        run(wr)  # lay the data out (untimed): reads read real data, writes overwrite
+        stat_path = block_device_stat_path(path)
         samples: list[float] = []
         devs: list[dict[str, Any] | None] = []
         verified = True
-        for _ in range(repeat):
+        noisy = 0
+        for _ in range(cfg["repeat"]):
             if mode != "write":
                 buf.fill(0)
+            if cfg["quiet_wait_s"] > 0 and not wait_for_quiet_disk(path, cfg["quiet_wait_s"]):
+                noisy += 1
             before = _read_dev_stat(stat_path)
-            s = run(rd if mode != "write" else wr)
+            s = run(timed)
             devs.append(_dev_stat_delta(before, _read_dev_stat(stat_path), s))
             samples.append(s)
             if mode != "write":
@@ -483,39 +577,36 @@ def _nixl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             buf.fill(0)
             run(rd)
             verified = verify()
-        tele: dict[str, Any] = {}
-        try:
-            t = agent.get_xfer_telemetry(rd if mode != "write" else wr)
-            tele = {"desc_count": int(t.descCount), "post_us": int(t.postDuration),
-                    "xfer_us": int(t.xferDuration)}
-        except Exception:  # telemetry is informative only
-            pass
-        backend_params = agent.get_backend_params("POSIX")
+        telemetry: dict[str, Any] = {}
+        with contextlib.suppress(Exception):  # informative only
+            t = agent.get_xfer_telemetry(timed)
+            telemetry = {"desc_count": int(t.descCount), "post_us": int(t.postDuration),
+                         "xfer_us": int(t.xferDuration)}
+        backend_params = dict(agent.get_backend_params("POSIX"))
         for h in (wr, rd):
             agent.release_xfer_handle(h)
         agent.deregister_memory(dram_reg, backends=["POSIX"])
         agent.deregister_memory(file_reg, backends=["POSIX"])
     finally:
         os.close(fd)
+    order = sorted(range(len(samples)), key=samples.__getitem__)
     res = {"anchor": "nixl-posix", **_summary(samples, nbytes, n), "verified": verified,
-           "mode": mode, "block_bytes": bb, "num_blocks": n, "bytes": nbytes, "repeat": repeat,
-           "io_queue": cfg["io_queue"], "backend_params": dict(backend_params),
-           "buffers": "transparent huge pages" if cfg["huge_pages"] else "4 KiB pages",
-           "anon_huge_kib": thp_kib, "device": devs[len(devs) // 2], "telemetry": tele,
-           "nixl_module": api.__name__.rsplit(".", 1)[0]}
+           "mode": mode, "block_bytes": bb, "num_blocks": n, "bytes": nbytes,
+           "repeat": cfg["repeat"], "io_queue": cfg["io_queue"], "backend_params": backend_params,
+           "buffer_pages": cfg["buffer_pages"], "anon_huge_kib": thp_kib,
+           "device": devs[order[len(order) // 2]], "noisy_samples": noisy,
+           "telemetry": telemetry, "nixl_module": api.__name__.rsplit(".", 1)[0]}
     del blocks, buf
-    try:
-        mm.close()
-    except BufferError:
-        pass
+    for mm in maps:
+        with contextlib.suppress(BufferError):
+            mm.close()
     return res
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    cfg = json.loads(argv[0])
     try:
-        res = _nixl_worker(cfg)
-    except Exception as e:  # reported to the parent as JSON, not as a traceback only
+        res = _nixl_worker(json.loads(argv[0]))
+    except Exception as e:  # reported to the parent as JSON
         res = {"error": f"{type(e).__name__}: {e}"}
     sys.stdout.write(_RESULT_MARK + json.dumps(res) + "\n")
     sys.stdout.flush()
@@ -525,4 +616,4 @@ def _worker_main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--nixl-worker":
         sys.exit(_worker_main(sys.argv[2:]))
-    sys.exit(f"usage: {sys.argv[0]} --nixl-worker CONFIG_JSON (used by run_nixl_posix)")
+    sys.exit(f"usage: {sys.argv[0]} --nixl-worker CONFIG_JSON (run by run_nixl_posix)")

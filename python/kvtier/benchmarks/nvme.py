@@ -1,0 +1,170 @@
+"""``kvtier bench nvme``: the NVMe tier against fio and NIXL's POSIX backend, same run.
+
+For every case (sequential write, sequential read, random read; a Llama-3-8B-sized 2 MiB block
+and a Qwen2-0.5B-sized 192 KiB block) the same number of blocks of the same size moves between
+DRAM and a file on the same file system three ways: kvtier's NVMe tier, fio (io_uring, O_DIRECT,
+at kvtier's queue depth; its best io_uring variant), and NIXL's POSIX backend (one batched
+transfer on an O_DIRECT descriptor). Each is repeated; medians are compared. The anchor is the
+better of fio and NIXL; a peer that cannot run is reported as missing, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import kvtier
+from kvtier.benchmarks import machine_info, nvme_anchors
+
+
+@dataclass(frozen=True)
+class NvmeCase:
+    name: str
+    block_bytes: int
+    mode: str  # write | read | randread
+
+
+_LLAMA = 32 * 2 * 8 * 128 * 2 * 16  # 2 MiB
+_QWEN = 24 * 2 * 2 * 64 * 2 * 16  # 192 KiB
+CASES = [
+    NvmeCase("llama3-8b 2MiB write", _LLAMA, "write"),
+    NvmeCase("llama3-8b 2MiB read", _LLAMA, "read"),
+    NvmeCase("llama3-8b 2MiB randread", _LLAMA, "randread"),
+    NvmeCase("qwen2-0.5b 192KiB write", _QWEN, "write"),
+    NvmeCase("qwen2-0.5b 192KiB read", _QWEN, "read"),
+    NvmeCase("qwen2-0.5b 192KiB randread", _QWEN, "randread"),
+]
+
+
+def _kvtier_case(directory: str, case: NvmeCase, num_blocks: int, reps: int, queue_depth: int,
+                 io_chunk_bytes: int, rng: np.random.Generator) -> dict[str, Any]:
+    pool = kvtier.HostPool(case.block_bytes, num_blocks=num_blocks)
+    ids = pool.allocate(num_blocks)
+    pool.view()[:] = rng.integers(0, 256, size=(num_blocks, case.block_bytes), dtype=np.uint8)
+    expected = pool.view().copy()
+    samples = []
+    verified = True
+    for rep in range(reps + 1):  # the first rep is a warm-up (file allocation, ring setup)
+        shutil.rmtree(directory, ignore_errors=True)
+        tier = kvtier.NvmeTier(directory, pool, num_slots=num_blocks, queue_depth=queue_depth,
+                               io_chunk_bytes=io_chunk_bytes)
+        keys = np.arange(1, num_blocks + 1)
+        if case.mode == "write":
+            h = tier.write(keys, ids)
+            h.wait()
+        else:
+            tier.write(keys, ids).wait()
+            order = rng.permutation(num_blocks) if case.mode == "randread" else np.arange(num_blocks)
+            pool.view()[:] = 0
+            h = tier.read(keys[order], ids[order])
+            h.wait()
+            verified &= bool(h.block_ok.all()) and np.array_equal(pool.view(), expected)
+        if rep > 0:
+            samples.append(h.latency_s)
+        io_mode = tier.io_mode
+        tier.close()
+    shutil.rmtree(directory, ignore_errors=True)
+    nbytes = num_blocks * case.block_bytes
+    med = statistics.median(samples)
+    return {"gbps": nbytes / med / 1e9, "iops": num_blocks / med, "samples_s": samples,
+            "io_mode": io_mode, "verified": verified}
+
+
+def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_depth: int = 64,
+        io_chunk_bytes: int = 1 << 20, cases: str | None = None, nixl_python: str | None = None,
+        seed: int = 0, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    selected = [c for c in CASES if cases is None or cases in c.name]
+    if not selected:
+        raise kvtier.InvalidArgumentError(f"no nvme case matches {cases!r}; cases: {[c.name for c in CASES]}")
+    base = directory or tempfile.mkdtemp(prefix="kvtier-bench-nvme-", dir=os.getcwd())
+    os.makedirs(base, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    fio_missing = nvme_anchors.fio_available()
+    nixl_missing = nvme_anchors.nixl_available(nixl_python)
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("bench nvme", total=len(selected) * 3)
+        for case in selected:
+            n = max(1, (size_mib << 20) // case.block_bytes)
+            bar.update(task, description=f"bench nvme: {case.name} (kvtier)")
+            kv = _kvtier_case(os.path.join(base, "kvtier"), case, n, reps, queue_depth, io_chunk_bytes, rng)
+            bar.advance(task)
+            peers: dict[str, Any] = {}
+            bar.update(task, description=f"bench nvme: {case.name} (fio)")
+            if fio_missing:
+                peers["fio"] = {"missing": fio_missing}
+            else:
+                try:
+                    peers["fio"] = nvme_anchors.run_fio(os.path.join(base, "fio.dat"), case.block_bytes, n,
+                                                        queue_depth, case.mode, repeat=reps)
+                except Exception as e:  # a failing peer is reported, not hidden
+                    peers["fio"] = {"missing": f"fio failed: {e}"}
+            bar.advance(task)
+            bar.update(task, description=f"bench nvme: {case.name} (NIXL)")
+            if nixl_missing:
+                peers["nixl"] = {"missing": nixl_missing}
+            else:
+                try:
+                    peers["nixl"] = nvme_anchors.run_nixl_posix(os.path.join(base, "nixl.dat"), case.block_bytes,
+                                                                n, case.mode, repeat=reps, python_exe=nixl_python)
+                except Exception as e:
+                    peers["nixl"] = {"missing": f"NIXL failed: {e}"}
+            bar.advance(task)
+            for f in ("fio.dat", "nixl.dat"):
+                try:
+                    os.remove(os.path.join(base, f))
+                except OSError:
+                    pass
+            usable = {k: v["gbps"] for k, v in peers.items() if "gbps" in v}
+            anchor = max(usable, key=usable.get) if usable else None
+            results.append({
+                "case": case.name,
+                "kvtier_gbps": round(kv["gbps"], 3),
+                "anchor": anchor or "none (no peer ran)",
+                "anchor_gbps": round(usable[anchor], 3) if anchor else None,
+                "ratio": round(kv["gbps"] / usable[anchor], 3) if anchor else None,
+                "fio_gbps": round(usable["fio"], 3) if "fio" in usable else None,
+                "nixl_gbps": round(usable["nixl"], 3) if "nixl" in usable else None,
+                "mode": case.mode, "block_bytes": case.block_bytes, "blocks": n,
+                "queue_depth": queue_depth, "kvtier": kv, "peers": peers,
+            })
+    if directory is None:
+        shutil.rmtree(base, ignore_errors=True)
+    report = {"suite": "nvme", "machine": machine_info(),
+              "config": {"size_mib": size_mib, "reps": reps, "queue_depth": queue_depth,
+                         "io_chunk_bytes": io_chunk_bytes, "directory": base, "seed": seed},
+              "results": results}
+    table = Table(title=f"kvtier bench nvme ({size_mib} MiB per case, QD {queue_depth}, median of {reps})")
+    for col in ("case", "kvtier GB/s", "fio GB/s", "NIXL GB/s", "ratio to best"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+
+    def fmt(v: float | None, peer: dict[str, Any] | None = None) -> str:
+        return f"{v:.2f}" if v is not None else "[yellow]missing[/yellow]"
+
+    for r in results:
+        ratio = r["ratio"]
+        style = "green" if ratio is not None and ratio >= 1.0 else "red"
+        table.add_row(r["case"], f"{r['kvtier_gbps']:.2f}", fmt(r["fio_gbps"]), fmt(r["nixl_gbps"]),
+                      f"[{style}]{ratio:.2f}x[/{style}]" if ratio is not None else "n/a")
+    Console().print(table)
+    for name, why in (("fio", fio_missing), ("NIXL", nixl_missing)):
+        if why:
+            console.print(f"[yellow]{name} missing:[/yellow] {why}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+        console.print(f"wrote {json_path}")
+    return report
