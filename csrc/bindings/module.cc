@@ -55,7 +55,7 @@ Device DeviceOf(const nb::ndarray<>& a) {
 }
 
 std::unique_ptr<KvRegistration> RegisterKv(std::vector<nb::ndarray<>> tensors, std::vector<int> block_dims,
-                                           uint64_t expected_block_bytes) {
+                                           uint64_t expected_block_bytes, bool huge_pages) {
   std::vector<TensorDesc> descs;
   descs.reserve(tensors.size());
   for (const auto& t : tensors) {
@@ -70,7 +70,11 @@ std::unique_ptr<KvRegistration> RegisterKv(std::vector<nb::ndarray<>> tensors, s
     descs.push_back(std::move(d));
   }
   auto reg = std::make_unique<KvRegistration>();
-  reg->region = Unwrap(KvRegion::Create(descs, block_dims, expected_block_bytes));
+  Result<std::unique_ptr<KvRegion>> r = [&] {
+    nb::gil_scoped_release nogil;
+    return KvRegion::Create(descs, block_dims, expected_block_bytes, huge_pages);
+  }();
+  reg->region = Unwrap(std::move(r));
   reg->tensors = std::move(tensors);
   return reg;
 }
@@ -197,11 +201,12 @@ NB_MODULE(_core, m) {
       .def_prop_ro("device", [](const KvRegistration& r) { return r.region->device().ToString(); })
       .def_prop_ro("inflight", [](const KvRegistration& r) { return r.region->inflight(); })
       .def_prop_ro("closed", [](const KvRegistration& r) { return r.region->is_closed(); })
+      .def_prop_ro("huge_pages", [](const KvRegistration& r) { return r.region->huge_pages(); })
       .def("close", [](KvRegistration& r) {
         ThrowIfError(r.region->Close());
         r.tensors.clear();
       });
-  m.def("register_kv", &RegisterKv, "tensors"_a, "block_dims"_a, "expected_block_bytes"_a);
+  m.def("register_kv", &RegisterKv, "tensors"_a, "block_dims"_a, "expected_block_bytes"_a, "huge_pages"_a = false);
 
   // ------------------------------------------------------------ transfers
   nb::class_<TransferState>(m, "Transfer")

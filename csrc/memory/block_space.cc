@@ -104,7 +104,7 @@ Status DecomposeBlockRuns(const TensorDesc& t, int block_dim, std::vector<Segmen
 
 Result<std::unique_ptr<KvRegion>> KvRegion::Create(const std::vector<TensorDesc>& tensors,
                                                    const std::vector<int>& block_dims,
-                                                   uint64_t expected_block_bytes) {
+                                                   uint64_t expected_block_bytes, bool huge_pages) {
   if (tensors.empty()) return InvalidArgument("register at least one tensor");
   if (tensors.size() != block_dims.size()) return InvalidArgument("one block dimension per tensor is required");
   std::unique_ptr<KvRegion> region(new KvRegion());
@@ -145,6 +145,19 @@ Result<std::unique_ptr<KvRegion>> KvRegion::Create(const std::vector<TensorDesc>
     }
   }
   region->segments_ = std::move(merged);
+  if (!region->device_.is_cpu()) {
+    region->huge_pages_ = "not cpu";
+  } else if (huge_pages) {
+    // The span each tensor covers, from its lowest to its highest byte.
+    std::string worst = "collapsed";
+    for (const TensorDesc& t : tensors) {
+      int64_t extent = 1;
+      for (size_t d = 0; d < t.shape.size(); ++d) extent += (t.shape[d] - 1) * t.strides[d];
+      const std::string r = AdviseHugePages(t.data, static_cast<size_t>(extent) * t.itemsize);
+      if (r != "collapsed") worst = r;
+    }
+    region->huge_pages_ = worst;
+  }
   return region;
 }
 

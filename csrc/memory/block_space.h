@@ -109,7 +109,10 @@ class KvRegion final : public BlockSpace {
  public:
   static Result<std::unique_ptr<KvRegion>> Create(const std::vector<TensorDesc>& tensors,
                                                   const std::vector<int>& block_dims,
-                                                  uint64_t expected_block_bytes);
+                                                  uint64_t expected_block_bytes, bool huge_pages = false);
+  // What AdviseHugePages did for the CPU tensors ("collapsed", "advised", "unsupported"), or
+  // "off" / "not cpu".
+  const std::string& huge_pages() const noexcept { return huge_pages_; }
 
   std::string kind() const override { return "kv registration"; }
   bool is_closed() const noexcept override { return closed_.load(); }
@@ -124,6 +127,7 @@ class KvRegion final : public BlockSpace {
   KvRegion() = default;
   std::atomic<uint64_t> inflight_{0};
   std::atomic<bool> closed_{false};
+  std::string huge_pages_ = "off";
 };
 
 }  // namespace kvtier

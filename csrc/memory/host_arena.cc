@@ -10,6 +10,9 @@
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
 
 namespace kvtier {
 namespace {
@@ -21,6 +24,16 @@ size_t RoundUp(size_t n, size_t align) { return (n + align - 1) / align * align;
 
 void SetHostPinner(HostPinner* pinner) noexcept { g_pinner.store(pinner); }
 HostPinner* GetHostPinner() noexcept { return g_pinner.load(); }
+
+const char* AdviseHugePages(void* ptr, size_t size_bytes) noexcept {
+  const uintptr_t begin = RoundUp(reinterpret_cast<uintptr_t>(ptr), kHugePage);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + size_bytes) / kHugePage * kHugePage;
+  if (end <= begin) return "unsupported";
+  void* p = reinterpret_cast<void*>(begin);
+  const size_t n = end - begin;
+  if (madvise(p, n, MADV_HUGEPAGE) != 0) return "unsupported";
+  return madvise(p, n, MADV_COLLAPSE) == 0 ? "collapsed" : "advised";
+}
 
 Result<std::unique_ptr<HostArena>> HostArena::Create(size_t size_bytes, const HostArenaOptions& options) {
   if (size_bytes == 0) return InvalidArgument("host arena size must be > 0 bytes");

@@ -212,6 +212,11 @@ class KVRegistration:
     def closed(self) -> bool:
         return self._core.closed
 
+    @property
+    def huge_pages(self) -> str:
+        """``collapsed`` / ``advised`` / ``unsupported`` for CPU tensors, ``off``, or ``not cpu``."""
+        return self._core.huge_pages
+
     def close(self) -> None:
         self._core.close()
 
@@ -228,7 +233,7 @@ class KVRegistration:
         )
 
 
-def register_kv(tensors: Any, layout: KVLayout, kind: str = "vllm_flash") -> KVRegistration:
+def register_kv(tensors: Any, layout: KVLayout, kind: str = "vllm_flash", *, huge_pages: bool = True) -> KVRegistration:
     """Register an engine's paged KV tensors.
 
     Args:
@@ -237,6 +242,10 @@ def register_kv(tensors: Any, layout: KVLayout, kind: str = "vllm_flash") -> KVR
             ``blocks_first``. torch tensors (cpu or cuda) and numpy arrays are accepted.
         layout: the model's :class:`KVLayout`; dtype and shape are checked against it.
         kind: how the tensors are arranged (see :data:`kvtier.layout.LAYOUT_KINDS`).
+        huge_pages: for CPU tensors, ask the kernel to back them with transparent huge pages
+            (MADV_HUGEPAGE, then MADV_COLLAPSE, which keeps the contents). Gathers of short runs
+            from random blocks then stop paying a TLB miss per run. A hint: the registration's
+            ``huge_pages`` attribute says what the kernel did.
     """
     if not isinstance(layout, KVLayout):
         raise InvalidArgumentError(f"layout must be a kvtier.KVLayout, got {type(layout).__name__}")
@@ -293,5 +302,5 @@ def register_kv(tensors: Any, layout: KVLayout, kind: str = "vllm_flash") -> KVR
     if len(devices) > 1:
         raise DeviceError(f"registered tensors must share one device, got {sorted(devices)}")
     exported = [t.detach() if hasattr(t, "detach") else t for t in tensor_list]
-    core = _core.register_kv(exported, [lk.block_dim] * len(exported), layout.block_bytes)
+    core = _core.register_kv(exported, [lk.block_dim] * len(exported), layout.block_bytes, huge_pages=huge_pages)
     return KVRegistration(core, layout, kind, devices.pop())
