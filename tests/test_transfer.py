@@ -574,3 +574,17 @@ def test_four_threads_submitting_to_one_engine(rng) -> None:
     assert s["submitted"] == s["completed_ok"] == 4 * 6 * 2
     assert s["bytes"] == sum(bytes_moved)
     assert pool.free_blocks == pool.num_blocks
+
+
+def test_huge_page_collapse_keeps_contents() -> None:
+    """register_kv(huge_pages=True) rebuilds CPU tensors on huge pages; the bytes must not change."""
+    layout = kvtier.KVLayout(num_layers=2, kv_heads=4, head_dim=128, block_tokens=16, dtype="float32")
+    rng = np.random.default_rng(7)
+    kv = [rng.standard_normal((512, 2, 16, 4, 128)).astype(np.float32) for _ in range(2)]  # 32 MiB each
+    before = [k.copy() for k in kv]
+    reg = kvtier.register_kv(kv, layout, "vllm_flash", huge_pages=True)
+    assert reg.huge_pages in {"collapsed", "advised", "unsupported"}
+    for k, b in zip(kv, before):
+        np.testing.assert_array_equal(k, b)
+    off = kvtier.register_kv(kv, layout, "vllm_flash", huge_pages=False)
+    assert off.huge_pages == "off"
