@@ -27,7 +27,7 @@ def main(directory: str, first_key: int) -> None:
     pool = kvtier.HostPool(BLOCK_BYTES, num_blocks=BATCH)
     ids = pool.allocate(BATCH)
     view = pool.view()
-    tier = kvtier.NvmeTier(directory, pool, num_slots=SLOTS, queue_depth=8, io_chunk_bytes=16384)
+    tier = kvtier.NvmeTier(directory, pool, num_slots=SLOTS, queue_depth=8, max_io_bytes=16384)
     live: list[int] = [int(k[1]) for k in tier.keys()]
     key = first_key
     out = sys.stdout

@@ -96,13 +96,13 @@ def test_corrupt_payload_is_a_counted_miss_and_removed(tmp_path: Path, pool: kvt
     data = fill(pool, ids, seed=5)
     tier = kvtier.NvmeTier(tmp_path, pool, num_slots=4)
     tier.write([10, 11, 12, 13], ids).wait()
-    slot_bytes = tier._core.slot_bytes
+    offset = tier._core.payload_offset(2) + 1234
     tier.close()
     # Flip one byte in the payload of slot 2 (key 12) behind the tier's back.
     with open(tmp_path / "kvtier.slots", "r+b") as f:
-        f.seek(2 * slot_bytes + 1234)
+        f.seek(offset)
         b = f.read(1)
-        f.seek(2 * slot_bytes + 1234)
+        f.seek(offset)
         f.write(bytes([b[0] ^ 0xFF]))
     pool.view()[ids] = 0
     tier = kvtier.NvmeTier(tmp_path, pool, num_slots=4)
@@ -121,10 +121,10 @@ def test_corrupt_header_is_not_recovered(tmp_path: Path, pool: kvtier.HostPool) 
     fill(pool, ids, seed=6)
     tier = kvtier.NvmeTier(tmp_path, pool, num_slots=2)
     tier.write([1, 2], ids).wait()
-    slot_bytes, payload = tier._core.slot_bytes, tier._core.slot_bytes - 4096
+    offset = tier._core.header_offset(1) + 24
     tier.close()
     with open(tmp_path / "kvtier.slots", "r+b") as f:
-        f.seek(1 * slot_bytes + payload + 24)  # inside key 2's header (its generation field)
+        f.seek(offset)  # inside key 2's header (its generation field)
         f.write(b"\x99")
     tier = kvtier.NvmeTier(tmp_path, pool, num_slots=2)
     assert tier.contains([1, 2]).tolist() == [True, False]
@@ -152,7 +152,7 @@ def test_full_tier_fails_the_handle_and_keeps_stored_blocks(tmp_path: Path, pool
 def test_injected_write_errors_fail_only_their_blocks(tmp_path: Path, pool: kvtier.HostPool) -> None:
     ids = pool.allocate(8)
     data = fill(pool, ids, seed=8)
-    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=16, io_chunk_bytes=16384)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=16, max_io_bytes=16384)
     tier.inject_io_errors(7)
     h = tier.write(np.arange(1, 9), ids)
     with pytest.raises(kvtier.TransferError, match="not written"):
@@ -225,8 +225,8 @@ def test_bad_input(tmp_path: Path, pool: kvtier.HostPool) -> None:
         tier.contains([-1])
     with pytest.raises(kvtier.InvalidArgumentError, match="queue_depth"):
         kvtier.NvmeTier(tmp_path / "b", pool, num_slots=4, queue_depth=0)
-    with pytest.raises(kvtier.InvalidArgumentError, match="io_chunk_bytes"):
-        kvtier.NvmeTier(tmp_path / "c", pool, num_slots=4, io_chunk_bytes=1000)
+    with pytest.raises(kvtier.InvalidArgumentError, match="max_io_bytes"):
+        kvtier.NvmeTier(tmp_path / "c", pool, num_slots=4, max_io_bytes=1000)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "kvtier.super").write_bytes(b"garbage" * 100)
     with pytest.raises(kvtier.InvalidArgumentError, match="not a valid kvtier NVMe superblock"):
@@ -264,7 +264,7 @@ def _crash_once(directory: Path, rng: random.Random, first_key: int) -> tuple[se
 def _check_after_crash(directory: Path, acked: set[int]) -> int:
     pool = kvtier.HostPool(writer.BLOCK_BYTES, num_blocks=writer.SLOTS)
     ids = pool.allocate(writer.SLOTS)
-    with kvtier.NvmeTier(directory, pool, num_slots=writer.SLOTS, queue_depth=8, io_chunk_bytes=16384) as tier:
+    with kvtier.NvmeTier(directory, pool, num_slots=writer.SLOTS, queue_depth=8, max_io_bytes=16384) as tier:
         stored = [int(k[1]) for k in tier.keys()]
         missing = acked - set(stored)
         assert not missing, f"acknowledged blocks lost after kill -9: {sorted(missing)}"

@@ -15,13 +15,13 @@ void BindNvme(nb::module_& m) {
       .def_static(
           "open",
           [](const std::string& directory, HostPool& staging, uint32_t num_slots, uint32_t queue_depth,
-             uint64_t io_chunk_bytes, bool durable, bool allow_buffered_io) {
+             uint64_t max_io_bytes, bool durable, bool allow_buffered_io) {
             NvmeTierOptions o;
             o.directory = directory;
             o.block_bytes = staging.block_bytes();
             o.num_slots = num_slots;
             o.queue_depth = queue_depth;
-            o.io_chunk_bytes = io_chunk_bytes;
+            o.max_io_bytes = max_io_bytes;
             o.durable = durable;
             o.allow_buffered_io = allow_buffered_io;
             Result<std::unique_ptr<NvmeTier>> r = [&] {
@@ -30,7 +30,7 @@ void BindNvme(nb::module_& m) {
             }();
             return Unwrap(std::move(r));
           },
-          "directory"_a, "staging"_a, "num_slots"_a, "queue_depth"_a = 64, "io_chunk_bytes"_a = uint64_t{1} << 20,
+          "directory"_a, "staging"_a, "num_slots"_a, "queue_depth"_a = 64, "max_io_bytes"_a = uint64_t{4} << 20,
           "durable"_a = true, "allow_buffered_io"_a = false, nb::keep_alive<0, 2>())
       .def(
           "write",
@@ -83,7 +83,9 @@ void BindNvme(nb::module_& m) {
            })
       .def("inject_io_errors", &NvmeTier::InjectIoErrors, "every_nth"_a)
       .def_prop_ro("block_bytes", &NvmeTier::block_bytes)
-      .def_prop_ro("slot_bytes", &NvmeTier::slot_bytes)
+      .def_prop_ro("payload_bytes", &NvmeTier::payload_bytes)
+      .def("header_offset", &NvmeTier::header_offset, "slot"_a, "File offset of a slot's header.")
+      .def("payload_offset", &NvmeTier::payload_offset, "slot"_a, "File offset of a slot's payload.")
       .def_prop_ro("num_slots", &NvmeTier::num_slots)
       .def_prop_ro("queue_depth", &NvmeTier::queue_depth)
       .def_prop_ro("io_mode", &NvmeTier::io_mode)

@@ -28,7 +28,7 @@ struct SuperBlock {
   uint32_t version;
   uint32_t reserved;
   uint64_t block_bytes;
-  uint64_t slot_bytes;
+  uint64_t payload_bytes;
   uint64_t num_slots;
   uint64_t checksum;  // XXH3-64 of the fields above
 };
@@ -60,8 +60,11 @@ struct NvmeTier::Request {
   std::vector<uint32_t> chunks_left;
   std::vector<uint8_t> ok;
   std::vector<uint8_t> active;  // block has I/O in this request (not skipped / missed)
-  std::vector<IoOp> ops;        // stable storage: never resized after setup
+  std::vector<IoOp> ops;        // stable storage: reserved up front, never reallocated
   std::atomic<uint32_t> blocks_left{0};
+  uint32_t headers_left = 0;    // completion thread only
+  std::byte* headers = nullptr; // 4 KiB per request position, for header writes
+  ~Request() { free(headers); }
   std::mutex err_mu;
   std::string first_error;  // guarded by err_mu
   std::shared_ptr<TransferState> state;
@@ -77,8 +80,8 @@ Result<std::unique_ptr<NvmeTier>> NvmeTier::Open(const NvmeTierOptions& options,
   if (options.queue_depth == 0 || options.queue_depth > 4096) {
     return InvalidArgument("queue_depth must be in [1, 4096], got " + std::to_string(options.queue_depth));
   }
-  if (options.io_chunk_bytes < kAlign || options.io_chunk_bytes % kAlign != 0) {
-    return InvalidArgument("io_chunk_bytes must be a positive multiple of 4096");
+  if (options.max_io_bytes < kAlign || options.max_io_bytes % kAlign != 0 || options.max_io_bytes > (uint64_t{1} << 30)) {
+    return InvalidArgument("max_io_bytes must be a multiple of 4096 in [4096, 1 GiB]");
   }
   if (staging.block_bytes() != options.block_bytes) {
     return InvalidArgument("the staging pool has " + std::to_string(staging.block_bytes()) +
@@ -92,7 +95,7 @@ Result<std::unique_ptr<NvmeTier>> NvmeTier::Open(const NvmeTierOptions& options,
 Status NvmeTier::Init() {
   namespace fs = std::filesystem;
   payload_bytes_ = RoundUp(options_.block_bytes, kAlign);
-  slot_bytes_ = payload_bytes_ + kHeaderBytes;
+  header_table_bytes_ = kHeaderBytes * options_.num_slots;
   std::error_code ec;
   fs::create_directories(options_.directory, ec);
   if (ec) return InvalidArgument("cannot create the NVMe tier directory " + options_.directory + ": " + ec.message());
@@ -109,7 +112,7 @@ Status NvmeTier::Init() {
   std::memcpy(want.magic, kSuperMagic, 8);
   want.version = kFormatVersion;
   want.block_bytes = options_.block_bytes;
-  want.slot_bytes = slot_bytes_;
+  want.payload_bytes = payload_bytes_;
   want.num_slots = options_.num_slots;
   want.checksum = Checksum64(&want, offsetof(SuperBlock, checksum));
   SuperBlock have{};
@@ -145,7 +148,7 @@ Status NvmeTier::Init() {
     fd_ = open(slots_path_.c_str(), flags, 0644);
   }
   if (fd_ < 0) return InvalidArgument("cannot open " + slots_path_ + ": " + Errno(errno));
-  const uint64_t file_bytes = slot_bytes_ * options_.num_slots;
+  const uint64_t file_bytes = header_table_bytes_ + payload_bytes_ * options_.num_slots;
   struct stat st{};
   fstat(fd_, &st);
   if (static_cast<uint64_t>(st.st_size) < file_bytes) {
@@ -165,13 +168,6 @@ Status NvmeTier::Init() {
     }
   }
 
-  // ---- header buffers: queue_depth aligned 4 KiB pages.
-  const size_t header_area_bytes = kHeaderBytes * options_.queue_depth;
-  void* area = mmap(nullptr, header_area_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (area == MAP_FAILED) return OutOfCapacity("cannot map header buffers: " + Errno(errno));
-  header_area_ = static_cast<std::byte*>(area);
-  for (uint32_t i = 0; i < options_.queue_depth; ++i) free_headers_.push_back(header_area_ + i * kHeaderBytes);
-
   // ---- io_uring: one ring; the file and the staging arena registered once.
   uint32_t entries = 1;
   while (entries < options_.queue_depth + 1) entries <<= 1;
@@ -189,8 +185,6 @@ Status NvmeTier::Init() {
   for (uint64_t off = 0; off < arena_bytes; off += iov_span_bytes_) {
     iovs.push_back(iovec{staging_.block_ptr(0) + off, static_cast<size_t>(std::min(iov_span_bytes_, arena_bytes - off))});
   }
-  header_buf_index_ = static_cast<int>(iovs.size());
-  iovs.push_back(iovec{header_area_, header_area_bytes});
   std::string fixed_note;
   if (int rc = io_uring_register_buffers(&ring_, iovs.data(), static_cast<unsigned>(iovs.size())); rc == 0) {
     fixed_buffers_ = true;
@@ -206,26 +200,33 @@ Status NvmeTier::Init() {
 }
 
 Status NvmeTier::Recover() {
-  // Read every slot header; a valid one puts its key in the index (highest generation wins).
+  // Read the header table in large chunks; a valid header puts its key in the index (the highest
+  // generation wins when two slots claim one key). See Note [Recovery].
+  constexpr uint64_t kChunk = uint64_t{1} << 20;
   void* buf = nullptr;
-  if (posix_memalign(&buf, kAlign, kHeaderBytes) != 0) return OutOfCapacity("cannot allocate a header buffer");
+  if (posix_memalign(&buf, kAlign, kChunk) != 0) return OutOfCapacity("cannot allocate a header buffer");
   std::unique_ptr<void, decltype(&free)> guard(buf, &free);
-  std::vector<int32_t> used;
   std::vector<std::pair<BlockKey, IndexEntry>> found;
-  for (uint32_t s = 0; s < options_.num_slots; ++s) {
-    const off_t off = static_cast<off_t>(uint64_t(s) * slot_bytes_ + payload_bytes_);
-    const ssize_t n = pread(fd_, buf, kHeaderBytes, off);
-    if (n != static_cast<ssize_t>(kHeaderBytes)) {
-      if (n < 0) return TransferError("reading slot header " + std::to_string(s) + " of " + slots_path_ + ": " + Errno(errno));
-      continue;
+  for (uint64_t off = 0; off < header_table_bytes_; off += kChunk) {
+    const uint64_t len = std::min(kChunk, header_table_bytes_ - off);
+    uint64_t got = 0;
+    while (got < len) {
+      const ssize_t n = pread(fd_, static_cast<std::byte*>(buf) + got, len - got, static_cast<off_t>(off + got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return TransferError("reading the header table of " + slots_path_ + ": " + Errno(errno));
+      if (n == 0) break;
+      got += static_cast<uint64_t>(n);
     }
-    const auto* h = static_cast<const SlotHeader*>(buf);
-    if (std::memcmp(h->magic, kSlotMagic, 8) != 0 || h->version != kFormatVersion ||
-        h->header_checksum != Checksum64(h, offsetof(SlotHeader, header_checksum)) ||
-        h->payload_bytes != options_.block_bytes) {
-      continue;
+    for (uint64_t h_off = 0; h_off + kHeaderBytes <= got; h_off += kHeaderBytes) {
+      const auto* h = reinterpret_cast<const SlotHeader*>(static_cast<const std::byte*>(buf) + h_off);
+      if (std::memcmp(h->magic, kSlotMagic, 8) != 0 || h->version != kFormatVersion ||
+          h->header_checksum != Checksum64(h, offsetof(SlotHeader, header_checksum)) ||
+          h->payload_bytes != options_.block_bytes) {
+        continue;
+      }
+      const auto slot = static_cast<uint32_t>((off + h_off) / kHeaderBytes);
+      found.push_back({BlockKey{h->key_hi, h->key_lo}, IndexEntry{slot, h->payload_checksum, h->generation, true}});
     }
-    found.push_back({BlockKey{h->key_hi, h->key_lo}, IndexEntry{s, h->payload_checksum, h->generation, true}});
   }
   std::lock_guard<std::mutex> lock(index_mu_);
   for (auto& [key, entry] : found) {
@@ -241,7 +242,6 @@ Status NvmeTier::Recover() {
   std::vector<int32_t> claimed;
   for (auto& [key, entry] : index_) claimed.push_back(static_cast<int32_t>(entry.slot));
   std::sort(claimed.begin(), claimed.end());
-  // BlockAllocator hands out ids lowest first; allocate all, then give back the unclaimed ones.
   std::vector<int32_t> all(options_.num_slots);
   KVTIER_RETURN_IF_ERROR(slots_.Allocate(all.size(), all.data()));
   std::vector<int32_t> unclaimed;
@@ -269,7 +269,6 @@ NvmeTier::~NvmeTier() {
     completion_thread_.join();
   }
   if (ring_ready_) io_uring_queue_exit(&ring_);
-  if (header_area_ != nullptr) munmap(header_area_, kHeaderBytes * options_.queue_depth);
   if (fd_ >= 0) close(fd_);
   if (super_fd_ >= 0) close(super_fd_);  // releases the flock
 }
@@ -279,8 +278,10 @@ void NvmeTier::Drain() {
 }
 
 int NvmeTier::BufferIndex(const std::byte* p) const {
-  if (p >= header_area_ && p < header_area_ + kHeaderBytes * options_.queue_depth) return header_buf_index_;
-  return static_cast<int>(static_cast<uint64_t>(p - staging_.block_ptr(0)) / iov_span_bytes_);
+  const std::byte* base = staging_.block_ptr(0);
+  const uint64_t arena = staging_.block_stride_bytes() * staging_.num_blocks();
+  if (p < base || p >= base + arena) return -1;  // not in the registered arena (header buffers)
+  return static_cast<int>(static_cast<uint64_t>(p - base) / iov_span_bytes_);
 }
 
 // ---------------------------------------------------------------- submission
@@ -294,38 +295,23 @@ void NvmeTier::Pump() {
   std::lock_guard<std::mutex> lock(sq_mu_);
   unsigned prepared = 0;
   while (inflight_ops_ < options_.queue_depth && !backlog_.empty()) {
-    IoOp* op = backlog_.front();
-    if (op->kind == IoOp::Kind::kHeaderWrite && op->buf == nullptr) {
-      if (free_headers_.empty()) break;  // cannot happen: headers == queue_depth >= inflight
-      op->buf = free_headers_.back();
-      free_headers_.pop_back();
-      const Request& r = *op->req;
-      std::memset(op->buf, 0, kHeaderBytes);
-      auto* h = reinterpret_cast<SlotHeader*>(op->buf);
-      std::memcpy(h->magic, kSlotMagic, 8);
-      h->version = kFormatVersion;
-      h->key_hi = r.keys[op->block].hi;
-      h->key_lo = r.keys[op->block].lo;
-      h->generation = r.generations[op->block];
-      h->payload_bytes = options_.block_bytes;
-      h->payload_checksum = r.checksums[op->block];
-      h->header_checksum = Checksum64(h, offsetof(SlotHeader, header_checksum));
-    }
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (sqe == nullptr) break;
+    IoOp* op = backlog_.front();
     backlog_.pop_front();
+    const int index = fixed_buffers_ && op->buf != nullptr ? BufferIndex(op->buf) : -1;
     switch (op->kind) {
       case IoOp::Kind::kPayloadWrite:
       case IoOp::Kind::kHeaderWrite:
-        if (fixed_buffers_) {
-          io_uring_prep_write_fixed(sqe, 0, op->buf, op->len, op->offset, BufferIndex(op->buf));
+        if (index >= 0) {
+          io_uring_prep_write_fixed(sqe, 0, op->buf, op->len, op->offset, index);
         } else {
           io_uring_prep_write(sqe, 0, op->buf, op->len, op->offset);
         }
         break;
       case IoOp::Kind::kPayloadRead:
-        if (fixed_buffers_) {
-          io_uring_prep_read_fixed(sqe, 0, op->buf, op->len, op->offset, BufferIndex(op->buf));
+        if (index >= 0) {
+          io_uring_prep_read_fixed(sqe, 0, op->buf, op->len, op->offset, index);
         } else {
           io_uring_prep_read(sqe, 0, op->buf, op->len, op->offset);
         }
@@ -362,14 +348,11 @@ void NvmeTier::CompletionLoop() {
     {
       std::lock_guard<std::mutex> lock(sq_mu_);
       for (auto& [op, res] : done) {
-        if (op == nullptr) continue;  // the shutdown NOP
-        --inflight_ops_;
-        if (op->kind == IoOp::Kind::kHeaderWrite && op->buf != nullptr) {
-          // The buffer goes back after the completion is handled below; keep it until then.
-        }
+        if (op != nullptr) --inflight_ops_;  // nullptr: the shutdown NOP
       }
       stop = stopping_ && inflight_ops_ == 0 && backlog_.empty();
     }
+    Pump();  // refill the ring first: verifying checksums below takes a while
     for (auto& [op, res] : done) {
       if (op != nullptr) OnOpDone(op, res);
     }
@@ -380,15 +363,9 @@ void NvmeTier::CompletionLoop() {
 
 void NvmeTier::OnOpDone(IoOp* op, int res) {
   Request& req = *op->req;
-  const bool injectable = op->kind != IoOp::Kind::kFsync;
-  if (injectable && res >= 0) {
+  if (op->kind != IoOp::Kind::kFsync && res >= 0) {
     const uint64_t every = inject_every_.load();
     if (every > 0 && (op_counter_.fetch_add(1) + 1) % every == 0) res = -EIO;
-  }
-  if (op->kind == IoOp::Kind::kHeaderWrite) {
-    std::lock_guard<std::mutex> lock(sq_mu_);
-    free_headers_.push_back(op->buf);
-    op->buf = nullptr;
   }
   if (res >= 0 && op->kind != IoOp::Kind::kFsync && static_cast<uint32_t>(res) < op->len) {
     if (res == 0) {
@@ -412,46 +389,43 @@ void NvmeTier::OnOpDone(IoOp* op, int res) {
   }
   switch (op->kind) {
     case IoOp::Kind::kFsync:
-      if (res < 0) {
-        std::fill(req.ok.begin(), req.ok.end(), 0);
-      }
+      if (res < 0) std::fill(req.ok.begin(), req.ok.end(), 0);
       fsyncs_.fetch_add(1);
       Finalize(req);
       return;
     case IoOp::Kind::kHeaderWrite:
-      BlockDone(req, op->block, res >= 0);
+      if (res < 0) std::fill_n(req.ok.begin() + op->first, op->count, 0);
+      if (--req.headers_left == 0) RequestIoDone(req);
       return;
     case IoOp::Kind::kPayloadWrite:
     case IoOp::Kind::kPayloadRead: {
-      if (res < 0) req.ok[op->block] = 0;
-      // chunks_left is only touched by this thread.
-      if (--req.chunks_left[op->block] != 0) return;
-      const uint32_t b = op->block;
-      if (req.is_write) {
-        if (!req.ok[b]) {
-          BlockDone(req, b, false);
-          return;
+      // The last BlockDone may grow req.ops (headers) or delete req (Finalize): copy first.
+      const uint32_t first = op->first, end = op->first + op->count;
+      for (uint32_t b = first; b < end; ++b) {
+        if (res < 0) req.ok[b] = 0;
+        // chunks_left is only touched by this thread.
+        if (--req.chunks_left[b] != 0) continue;
+        if (req.is_write) {
+          BlockDone(req, b, req.ok[b] != 0);
+          continue;
         }
-        IoOp* header = &req.ops[req.ops.size() - req.keys.size() - 1 + b];
-        Enqueue(header);
-        return;
-      }
-      bool good = req.ok[b] != 0;
-      if (!good) {
-        read_errors_.fetch_add(1);
-      } else if (Checksum64(staging_.block_ptr(req.pool_ids[b]), options_.block_bytes) != req.checksums[b]) {
-        good = false;
-        corrupt_.fetch_add(1);
-        // Drop the damaged copy so it is never found again (unless it was rewritten meanwhile).
-        std::lock_guard<std::mutex> lock(index_mu_);
-        auto it = index_.find(req.keys[b]);
-        if (it != index_.end() && it->second.slot == req.slots[b] && it->second.generation == req.generations[b]) {
-          index_.erase(it);
-          const int32_t slot = static_cast<int32_t>(req.slots[b]);
-          (void)slots_.Unref(std::span<const int32_t>(&slot, 1));
+        bool good = req.ok[b] != 0;
+        if (!good) {
+          read_errors_.fetch_add(1);
+        } else if (Checksum64(staging_.block_ptr(req.pool_ids[b]), options_.block_bytes) != req.checksums[b]) {
+          good = false;
+          corrupt_.fetch_add(1);
+          // Drop the damaged copy so it is never found again (unless it was rewritten meanwhile).
+          std::lock_guard<std::mutex> lock(index_mu_);
+          auto it = index_.find(req.keys[b]);
+          if (it != index_.end() && it->second.slot == req.slots[b] && it->second.generation == req.generations[b]) {
+            index_.erase(it);
+            const int32_t slot = static_cast<int32_t>(req.slots[b]);
+            (void)slots_.Unref(std::span<const int32_t>(&slot, 1));
+          }
         }
+        BlockDone(req, b, good);
       }
-      BlockDone(req, b, good);
       return;
     }
   }
@@ -459,16 +433,95 @@ void NvmeTier::OnOpDone(IoOp* op, int res) {
 
 void NvmeTier::BlockDone(Request& req, uint32_t block, bool ok) {
   req.ok[block] = ok ? 1 : 0;
-  if (req.blocks_left.fetch_sub(1) == 1) RequestIoDone(req);
+  if (req.blocks_left.fetch_sub(1) != 1) return;
+  if (req.is_write) {
+    StartHeaders(req);  // Note [Write ordering]: every payload of the batch is done
+  } else {
+    RequestIoDone(req);
+  }
+}
+
+void NvmeTier::StartHeaders(Request& req) {
+  // One header per block whose payload made it, merged into one request per run of
+  // consecutive slots (their headers are adjacent in the table and in req.headers).
+  std::vector<IoOp*> ops;
+  const uint32_t n = static_cast<uint32_t>(req.keys.size());
+  req.ops.reserve(req.ops.size() + n + 1);  // no reallocation while any op of req is queued
+  for (uint32_t b = 0; b < n; ++b) {
+    if (!req.active[b] || !req.ok[b]) continue;
+    auto* h = reinterpret_cast<SlotHeader*>(req.headers + uint64_t(b) * kHeaderBytes);
+    std::memset(h, 0, kHeaderBytes);
+    std::memcpy(h->magic, kSlotMagic, 8);
+    h->version = kFormatVersion;
+    h->key_hi = req.keys[b].hi;
+    h->key_lo = req.keys[b].lo;
+    h->generation = req.generations[b];
+    h->payload_bytes = options_.block_bytes;
+    h->payload_checksum = req.checksums[b];
+    h->header_checksum = Checksum64(h, offsetof(SlotHeader, header_checksum));
+    IoOp* last = ops.empty() ? nullptr : ops.back();
+    if (last != nullptr && last->first + last->count == b && req.slots[b] == req.slots[b - 1] + 1 &&
+        last->len + kHeaderBytes <= options_.max_io_bytes) {
+      ++last->count;
+      last->len += static_cast<uint32_t>(kHeaderBytes);
+      continue;
+    }
+    req.ops.push_back(IoOp{IoOp::Kind::kHeaderWrite, b, 1, &req, req.headers + uint64_t(b) * kHeaderBytes,
+                           static_cast<uint32_t>(kHeaderBytes), header_offset(req.slots[b])});
+    ops.push_back(&req.ops.back());
+  }
+  if (ops.empty()) {
+    RequestIoDone(req);
+    return;
+  }
+  req.headers_left = static_cast<uint32_t>(ops.size());
+  {
+    std::lock_guard<std::mutex> lock(sq_mu_);
+    for (IoOp* op : ops) backlog_.push_back(op);
+  }
 }
 
 void NvmeTier::RequestIoDone(Request& req) {
   const bool any_written = req.is_write && std::any_of(req.ok.begin(), req.ok.end(), [](uint8_t v) { return v; });
   if (any_written && options_.durable) {
-    Enqueue(&req.ops.back());  // the fdatasync op; Finalize runs on its completion
+    req.ops.push_back(IoOp{IoOp::Kind::kFsync, 0, 0, &req, nullptr, 0, 0});
+    Enqueue(&req.ops.back());  // Finalize runs on its completion
     return;
   }
   Finalize(req);
+}
+
+void NvmeTier::BuildPayloadOps(Request& req, IoOp::Kind kind) {
+  // Note [Request merging]: runs of request positions whose slots and pool blocks are both
+  // consecutive become one request of up to max_io_bytes; a larger block is split.
+  const uint32_t n = static_cast<uint32_t>(req.keys.size());
+  const uint64_t max_io = options_.max_io_bytes;
+  for (uint32_t b = 0; b < n; ++b) {
+    if (!req.active[b]) continue;
+    std::byte* ptr = staging_.block_ptr(req.pool_ids[b]);
+    const uint64_t off = payload_offset(req.slots[b]);
+    if (payload_bytes_ > max_io) {
+      req.chunks_left[b] = static_cast<uint32_t>((payload_bytes_ + max_io - 1) / max_io);
+      for (uint64_t c = 0; c < payload_bytes_; c += max_io) {
+        req.ops.push_back(IoOp{kind, b, 1, &req, ptr + c, static_cast<uint32_t>(std::min(max_io, payload_bytes_ - c)),
+                               off + c});
+      }
+      continue;
+    }
+    req.chunks_left[b] = 1;
+    if (!req.ops.empty()) {
+      IoOp& last = req.ops.back();
+      const uint32_t prev = last.first + last.count - 1;
+      if (last.kind == kind && prev + 1 == b && last.len + payload_bytes_ <= max_io &&
+          req.slots[b] == req.slots[prev] + 1 && ptr == last.buf + last.len &&
+          BufferIndex(ptr) == BufferIndex(last.buf)) {
+        ++last.count;
+        last.len += static_cast<uint32_t>(payload_bytes_);
+        continue;
+      }
+    }
+    req.ops.push_back(IoOp{kind, b, 1, &req, ptr, static_cast<uint32_t>(payload_bytes_), off});
+  }
 }
 
 void NvmeTier::Finalize(Request& req) {
@@ -481,7 +534,10 @@ void NvmeTier::Finalize(Request& req) {
       if (req.is_write) {
         auto it = index_.find(req.keys[b]);
         if (req.ok[b]) {
-          if (it != index_.end() && it->second.slot == req.slots[b]) it->second.valid = true;
+          if (it != index_.end() && it->second.slot == req.slots[b]) {
+            it->second.checksum = req.checksums[b];
+            it->second.valid = true;
+          }
           ++ok_blocks;
         } else {
           if (it != index_.end() && it->second.slot == req.slots[b]) index_.erase(it);
@@ -561,6 +617,9 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey>
                                     " slots free; evict blocks or grow the tier"));
       return state;
     }
+    // Ascending slots for ascending positions: consecutive free slots then merge into one
+    // request (Note [Request merging]) whatever order eviction returned them in.
+    std::sort(ids.begin(), ids.end());
     for (size_t i = 0; i < fresh.size(); ++i) {
       const uint32_t b = fresh[i];
       req->slots[b] = static_cast<uint32_t>(ids[i]);
@@ -577,38 +636,45 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey>
     return state;
   }
   // Checksums (the caller's thread, GIL released by the binding), then the op list.
-  const uint64_t chunk = options_.io_chunk_bytes;
-  const uint64_t chunks_per_block = (payload_bytes_ + chunk - 1) / chunk;
-  req->ops.reserve(fresh.size() * (chunks_per_block) + n + 1);
-  for (uint32_t b : fresh) {
-    req->checksums[b] = Checksum64(staging_.block_ptr(req->pool_ids[b]), options_.block_bytes);
-    req->chunks_left[b] = static_cast<uint32_t>(chunks_per_block);
-    for (uint64_t off = 0; off < payload_bytes_; off += chunk) {
-      req->ops.push_back(IoOp{IoOp::Kind::kPayloadWrite, b, req.get(), staging_.block_ptr(req->pool_ids[b]) + off,
-                              static_cast<uint32_t>(std::min(chunk, payload_bytes_ - off)),
-                              uint64_t(req->slots[b]) * slot_bytes_ + off});
-    }
+  void* headers = nullptr;
+  if (posix_memalign(&headers, kAlign, kHeaderBytes * n) != 0) {
+    Request* r = req.release();
+    std::fill(r->ok.begin(), r->ok.end(), 0);
+    r->first_error = "cannot allocate header buffers";
+    active_requests_.fetch_add(1);
+    Finalize(*r);  // frees the claimed slots and completes the handle with the error
+    return state;
   }
-  {
-    std::lock_guard<std::mutex> lock(index_mu_);
-    for (uint32_t b : fresh) index_[req->keys[b]].checksum = req->checksums[b];
-  }
-  // Header ops: one per block position (only fresh ones are used), then the fdatasync op.
-  for (uint32_t b = 0; b < n; ++b) {
-    req->ops.push_back(IoOp{IoOp::Kind::kHeaderWrite, b, req.get(), nullptr, static_cast<uint32_t>(kHeaderBytes),
-                            uint64_t(req->slots[b]) * slot_bytes_ + payload_bytes_});
-  }
-  req->ops.push_back(IoOp{IoOp::Kind::kFsync, 0, req.get(), nullptr, 0, 0});
+  req->headers = static_cast<std::byte*>(headers);
   for (size_t b = 0; b < n; ++b) {
     if (!req->active[b]) req->ok[b] = 1;  // already stored
   }
+  req->ops.reserve(fresh.size() * ((payload_bytes_ + options_.max_io_bytes - 1) / options_.max_io_bytes));
+  BuildPayloadOps(*req, IoOp::Kind::kPayloadWrite);
   req->blocks_left.store(static_cast<uint32_t>(fresh.size()));
   active_requests_.fetch_add(1);
   Request* raw = req.release();
-  {
-    std::lock_guard<std::mutex> lock(sq_mu_);
-    for (IoOp& op : raw->ops) {
-      if (op.kind == IoOp::Kind::kPayloadWrite) backlog_.push_back(&op);
+  // Checksum each request's blocks just before it is queued, so the disk starts on the first
+  // requests while the caller's thread (GIL released) hashes the rest. A block's checksum is
+  // needed only by its header, which is written after every payload of the batch.
+  // Once the last op is queued the completion thread may finish the request (and free it), so
+  // nothing of *raw is touched after the last Enqueue.
+  constexpr uint64_t kPumpEveryBytes = uint64_t{8} << 20;
+  std::vector<IoOp*> ops;
+  ops.reserve(raw->ops.size());
+  for (IoOp& op : raw->ops) ops.push_back(&op);
+  uint64_t since_pump = 0;
+  for (IoOp* op : ops) {
+    if (op->buf == staging_.block_ptr(raw->pool_ids[op->first])) {  // the first chunk of its blocks
+      for (uint32_t b = op->first; b < op->first + op->count; ++b) {
+        raw->checksums[b] = Checksum64(staging_.block_ptr(raw->pool_ids[b]), options_.block_bytes);
+      }
+    }
+    since_pump += op->len;
+    Enqueue(op);
+    if (since_pump >= kPumpEveryBytes) {
+      Pump();
+      since_pump = 0;
     }
   }
   Pump();
@@ -668,18 +734,8 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Read(std::span<const BlockKey> 
     state->Complete(Status::Ok());
     return state;
   }
-  const uint64_t chunk = options_.io_chunk_bytes;
-  const uint64_t chunks_per_block = (payload_bytes_ + chunk - 1) / chunk;
-  req->ops.reserve(hits * chunks_per_block);
-  for (uint32_t b = 0; b < n; ++b) {
-    if (!req->active[b]) continue;
-    req->chunks_left[b] = static_cast<uint32_t>(chunks_per_block);
-    for (uint64_t off = 0; off < payload_bytes_; off += chunk) {
-      req->ops.push_back(IoOp{IoOp::Kind::kPayloadRead, b, req.get(), staging_.block_ptr(req->pool_ids[b]) + off,
-                              static_cast<uint32_t>(std::min(chunk, payload_bytes_ - off)),
-                              uint64_t(req->slots[b]) * slot_bytes_ + off});
-    }
-  }
+  req->ops.reserve(hits * ((payload_bytes_ + options_.max_io_bytes - 1) / options_.max_io_bytes));
+  BuildPayloadOps(*req, IoOp::Kind::kPayloadRead);
   req->blocks_left.store(hits);
   active_requests_.fetch_add(1);
   Request* raw = req.release();
@@ -700,18 +756,17 @@ void NvmeTier::Contains(std::span<const BlockKey> keys, uint8_t* out) const {
 }
 
 uint64_t NvmeTier::Evict(std::span<const BlockKey> keys) {
-  uint64_t n = 0;
+  std::vector<int32_t> freed;
   std::lock_guard<std::mutex> lock(index_mu_);
   for (const BlockKey& k : keys) {
     auto it = index_.find(k);
     if (it == index_.end() || !it->second.valid) continue;  // absent, or its write is in flight
-    const int32_t slot = static_cast<int32_t>(it->second.slot);
+    freed.push_back(static_cast<int32_t>(it->second.slot));
     index_.erase(it);
-    (void)slots_.Unref(std::span<const int32_t>(&slot, 1));  // freed once in-flight reads finish
-    ++n;
   }
-  evicted_.fetch_add(n);
-  return n;
+  (void)slots_.Unref(freed);  // each slot is freed once in-flight reads of it finish
+  evicted_.fetch_add(freed.size());
+  return freed.size();
 }
 
 std::vector<BlockKey> NvmeTier::Keys() const {

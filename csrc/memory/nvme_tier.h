@@ -3,16 +3,24 @@
 // pool's arena registered once as fixed buffers and the file registered as a fixed file.
 //
 // Note [On-disk format] (docs/nvme.md has the long form):
-//   <dir>/kvtier.super  4 KiB superblock: magic, version, block_bytes, slot_bytes, num_slots,
+//   <dir>/kvtier.super  4 KiB superblock: magic, version, block_bytes, payload_bytes, num_slots,
 //                       checksum. Written once at creation, checked at every open.
-//   <dir>/kvtier.slots  num_slots * slot_bytes, preallocated. A slot is the payload (block_bytes
-//                       rounded up to 4 KiB) followed by a 4 KiB header: magic, key, generation,
-//                       payload_bytes, payload XXH3-64, header XXH3-64.
-// Note [Write ordering]: a block's header is submitted only after every chunk of its payload
-// has completed, and a write batch is acknowledged only after an fdatasync that follows all of
+//   <dir>/kvtier.slots  a header table (num_slots x 4 KiB: magic, key, generation, payload_bytes,
+//                       payload XXH3-64, header XXH3-64), then num_slots payloads of
+//                       block_bytes rounded up to 4 KiB. Payloads of consecutive slots are
+//                       adjacent, so a batch of blocks in consecutive slots from consecutive
+//                       pool blocks goes out as one large request (Note [Request merging]).
+// Note [Write ordering]: a batch's headers are submitted only after every payload request of the
+// batch has completed, and the batch is acknowledged only after an fdatasync that follows all of
 // its headers (durable=true). So an acknowledged block is on disk whole; a crash can leave an
 // old header in front of a partly overwritten payload, which fails its checksum on the way back
 // and is a miss. Nothing torn or stale is ever returned: every read verifies the checksum.
+// Note [Request merging]: on virtio and NVMe alike the cost per request dominates below a few
+// MiB, and the block layer does not merge for us when the scheduler is "none". Payload I/O is
+// therefore built from runs of blocks adjacent both in the file (consecutive slots) and in the
+// staging arena (consecutive pool blocks: the pool's block stride equals the payload size), up
+// to max_io_bytes per request; a block larger than that is split. Headers of consecutive slots
+// are written by one request too.
 // Note [Recovery]: Open reads every slot header; a header with a bad checksum or magic marks a
 // free slot; when two slots claim one key the higher generation wins. Payloads are verified
 // lazily, on read.
@@ -45,7 +53,7 @@ struct NvmeTierOptions {
   uint64_t block_bytes = 0;
   uint32_t num_slots = 0;
   uint32_t queue_depth = 64;                 // io_uring operations in flight, at most
-  uint64_t io_chunk_bytes = uint64_t{1} << 20;  // a block's payload goes out in chunks of this size
+  uint64_t max_io_bytes = uint64_t{4} << 20;  // largest single read/write request (merged or split)
   bool durable = true;                       // fdatasync before acknowledging a write batch
   bool allow_buffered_io = false;            // opt-in for file systems that refuse O_DIRECT
 };
@@ -93,7 +101,9 @@ class NvmeTier {
   void InjectIoErrors(uint64_t every_nth) noexcept { inject_every_.store(every_nth); }
 
   uint64_t block_bytes() const noexcept { return options_.block_bytes; }
-  uint64_t slot_bytes() const noexcept { return slot_bytes_; }
+  uint64_t payload_bytes() const noexcept { return payload_bytes_; }
+  uint64_t header_offset(uint32_t slot) const noexcept { return uint64_t(slot) * 4096; }
+  uint64_t payload_offset(uint32_t slot) const noexcept { return header_table_bytes_ + uint64_t(slot) * payload_bytes_; }
   uint32_t num_slots() const noexcept { return options_.num_slots; }
   uint32_t queue_depth() const noexcept { return options_.queue_depth; }
   const std::string& io_mode() const noexcept { return io_mode_; }
@@ -104,7 +114,8 @@ class NvmeTier {
   struct IoOp {
     enum class Kind : uint8_t { kPayloadWrite, kHeaderWrite, kPayloadRead, kFsync };
     Kind kind;
-    uint32_t block;  // index into the request's blocks
+    uint32_t first;  // the request positions [first, first + count) this op covers
+    uint32_t count;
     Request* req;
     std::byte* buf;
     uint32_t len;
@@ -125,6 +136,8 @@ class NvmeTier {
   void Pump();  // moves backlog into the ring; takes sq_mu_
   void OnOpDone(IoOp* op, int res);
   void BlockDone(Request& req, uint32_t block, bool ok);
+  void BuildPayloadOps(Request& req, IoOp::Kind kind);
+  void StartHeaders(Request& req);
   void RequestIoDone(Request& req);
   void Finalize(Request& req);
   int BufferIndex(const std::byte* p) const;
@@ -132,7 +145,7 @@ class NvmeTier {
   NvmeTierOptions options_;
   HostPool& staging_;
   uint64_t payload_bytes_ = 0;  // block_bytes rounded up to 4 KiB
-  uint64_t slot_bytes_ = 0;
+  uint64_t header_table_bytes_ = 0;
   std::string super_path_, slots_path_, io_mode_;
   int super_fd_ = -1;
   int fd_ = -1;
@@ -142,13 +155,10 @@ class NvmeTier {
   bool ring_ready_ = false;
   bool fixed_buffers_ = false;
   uint64_t iov_span_bytes_ = 0;  // arena bytes per registered buffer
-  int header_buf_index_ = -1;
-  std::byte* header_area_ = nullptr;  // queue_depth headers of 4 KiB
 
   std::mutex sq_mu_;
   std::deque<IoOp*> backlog_;             // guarded by sq_mu_
   uint32_t inflight_ops_ = 0;             // guarded by sq_mu_
-  std::vector<std::byte*> free_headers_;  // guarded by sq_mu_
   bool stopping_ = false;                 // guarded by sq_mu_
   std::thread completion_thread_;
 

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     nvme.add_argument("--size-mib", type=_positive_int, default=512, help="bytes per case (default 512 MiB)")
     nvme.add_argument("--reps", type=_positive_int, default=3, help="repetitions per case (median reported)")
     nvme.add_argument("--queue-depth", type=_positive_int, default=64, help="I/O queue depth for kvtier and fio")
-    nvme.add_argument("--io-chunk-kib", type=_positive_int, default=1024, help="kvtier I/O chunk size (KiB)")
+    nvme.add_argument("--max-io-kib", type=_positive_int, default=4096, help="kvtier largest I/O request (KiB)")
     nvme.add_argument("--cases", default=None, help="only cases whose name contains this text")
     nvme.add_argument("--nixl-python", default=None,
                       help="python that has nixl-cu12 installed (default: $KVTIER_NIXL_PYTHON or this one)")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
             size, reps = (64, 1) if args.quick else (args.size_mib, args.reps)
             nvme.run(directory=args.dir, size_mib=size, reps=reps, queue_depth=args.queue_depth,
-                     io_chunk_bytes=args.io_chunk_kib << 10, cases=args.cases, nixl_python=args.nixl_python,
+                     max_io_bytes=args.max_io_kib << 10, cases=args.cases, nixl_python=args.nixl_python,
                      seed=args.seed, json_path=args.json, progress=not args.no_progress)
             return 0
     except KvtierError as e:

@@ -57,7 +57,8 @@ class NvmeTier:
         staging: the DRAM pool blocks are written from and read into.
         capacity_bytes / num_slots: the tier's size (give one).
         queue_depth: io_uring operations in flight.
-        io_chunk_bytes: a block's payload is issued in chunks of at most this size.
+        max_io_bytes: the largest single I/O request: blocks adjacent in the file and in the
+            staging pool are merged up to it, larger blocks split (default 4 MiB).
         durable: acknowledge writes only after fdatasync.
         allow_buffered_io: opt in to buffered I/O where the file system refuses O_DIRECT.
     """
@@ -70,7 +71,7 @@ class NvmeTier:
         capacity_bytes: int | None = None,
         num_slots: int | None = None,
         queue_depth: int = 64,
-        io_chunk_bytes: int = 1 << 20,
+        max_io_bytes: int = 4 << 20,
         durable: bool = True,
         allow_buffered_io: bool = False,
     ) -> None:
@@ -92,7 +93,7 @@ class NvmeTier:
         self.staging = staging
         self.directory = os.fspath(directory)
         self._core: Any = _core.NvmeTier.open(
-            self.directory, staging._core, int(num_slots), queue_depth, io_chunk_bytes, durable, allow_buffered_io
+            self.directory, staging._core, int(num_slots), queue_depth, max_io_bytes, durable, allow_buffered_io
         )
 
     def _tier(self) -> Any:

@@ -44,7 +44,7 @@ CASES = [
 
 
 def _kvtier_case(directory: str, case: NvmeCase, num_blocks: int, reps: int, queue_depth: int,
-                 io_chunk_bytes: int, rng: np.random.Generator) -> dict[str, Any]:
+                 max_io_bytes: int, rng: np.random.Generator) -> dict[str, Any]:
     pool = kvtier.HostPool(case.block_bytes, num_blocks=num_blocks)
     ids = pool.allocate(num_blocks)
     pool.view()[:] = rng.integers(0, 256, size=(num_blocks, case.block_bytes), dtype=np.uint8)
@@ -54,7 +54,7 @@ def _kvtier_case(directory: str, case: NvmeCase, num_blocks: int, reps: int, que
     for rep in range(reps + 1):  # the first rep is a warm-up (file allocation, ring setup)
         shutil.rmtree(directory, ignore_errors=True)
         tier = kvtier.NvmeTier(directory, pool, num_slots=num_blocks, queue_depth=queue_depth,
-                               io_chunk_bytes=io_chunk_bytes)
+                               max_io_bytes=max_io_bytes)
         keys = np.arange(1, num_blocks + 1)
         if case.mode == "write":
             h = tier.write(keys, ids)
@@ -78,7 +78,7 @@ def _kvtier_case(directory: str, case: NvmeCase, num_blocks: int, reps: int, que
 
 
 def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_depth: int = 64,
-        io_chunk_bytes: int = 1 << 20, cases: str | None = None, nixl_python: str | None = None,
+        max_io_bytes: int = 4 << 20, cases: str | None = None, nixl_python: str | None = None,
         seed: int = 0, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -100,7 +100,7 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
         for case in selected:
             n = max(1, (size_mib << 20) // case.block_bytes)
             bar.update(task, description=f"bench nvme: {case.name} (kvtier)")
-            kv = _kvtier_case(os.path.join(base, "kvtier"), case, n, reps, queue_depth, io_chunk_bytes, rng)
+            kv = _kvtier_case(os.path.join(base, "kvtier"), case, n, reps, queue_depth, max_io_bytes, rng)
             bar.advance(task)
             peers: dict[str, Any] = {}
             bar.update(task, description=f"bench nvme: {case.name} (fio)")
@@ -145,7 +145,7 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
         shutil.rmtree(base, ignore_errors=True)
     report = {"suite": "nvme", "machine": machine_info(),
               "config": {"size_mib": size_mib, "reps": reps, "queue_depth": queue_depth,
-                         "io_chunk_bytes": io_chunk_bytes, "directory": base, "seed": seed},
+                         "max_io_bytes": max_io_bytes, "directory": base, "seed": seed},
               "results": results}
     table = Table(title=f"kvtier bench nvme ({size_mib} MiB per case, QD {queue_depth}, median of {reps})")
     for col in ("case", "kvtier GB/s", "fio GB/s", "NIXL GB/s", "ratio to best"):
