@@ -297,3 +297,24 @@ def test_kill_9_never_loses_acknowledged_or_returns_torn_blocks(tmp_path: Path) 
 @pytest.mark.slow
 def test_kill_9_many_times(tmp_path: Path) -> None:
     _crash_loop(tmp_path, iterations=60, seed=99)
+
+
+def test_registered_kv_to_nvme_and_back(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    layout = kvtier.KVLayout(num_layers=4, kv_heads=2, head_dim=64, block_tokens=16, dtype="bfloat16")
+    gen = torch.Generator().manual_seed(3)
+    src = [torch.randn(32, 2, 16, 2, 64, generator=gen).to(torch.bfloat16) for _ in range(4)]
+    dst = [torch.zeros_like(t) for t in src]
+    reg_src, reg_dst = kvtier.register_kv(src, layout), kvtier.register_kv(dst, layout)
+    staging = kvtier.HostPool(layout, num_blocks=8)
+    engine = kvtier.CopyEngine()
+    with kvtier.NvmeTier(tmp_path, staging, num_slots=16) as tier:
+        kvtier.kv_to_nvme(engine, reg_src, [3, 9, 17], tier, [103, 109, 117])
+        assert staging.free_blocks == 8  # staging blocks returned
+        ok = kvtier.nvme_to_kv(engine, tier, [117, 555, 103], reg_dst, [0, 1, 2])
+        assert ok.tolist() == [True, False, True]
+        assert staging.free_blocks == 8
+    for s, d in zip(src, dst):
+        assert torch.equal(d[0].view(torch.int16), s[17].view(torch.int16))
+        assert torch.equal(d[2].view(torch.int16), s[3].view(torch.int16))
+        assert not d[1].any()  # the miss left its block untouched

@@ -27,6 +27,7 @@ from kvtier.errors import (
 from kvtier.layout import LAYOUT_KINDS, KVLayout
 from kvtier.memory import HostPool, KVRegistration, PoolStats, register_kv
 from kvtier.nvme import NvmeTier
+from kvtier.staging import kv_to_nvme, nvme_to_kv
 from kvtier.transfer import CopyEngine, TransferHandle, default_engine
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
     "TransferTimeoutError",
     "UnavailableError",
     "default_engine",
+    "kv_to_nvme",
+    "nvme_to_kv",
     "register_kv",
     "__version__",
 ]
