@@ -25,7 +25,7 @@ from kvtier.errors import (
     UnavailableError,
 )
 from kvtier.layout import LAYOUT_KINDS, KVLayout
-from kvtier.memory import HostPool, KVRegistration, PoolStats, register_kv
+from kvtier.memory import HostPool, KVRegistration, PoolStats, register_kv, register_kv_views
 from kvtier.nvme import NvmeTier
 from kvtier.staging import kv_to_nvme, nvme_to_kv
 from kvtier.transfer import CopyEngine, TransferHandle, default_engine
@@ -56,5 +56,6 @@ __all__ = [
     "kv_to_nvme",
     "nvme_to_kv",
     "register_kv",
+    "register_kv_views",
     "__version__",
 ]

@@ -304,3 +304,41 @@ def register_kv(tensors: Any, layout: KVLayout, kind: str = "vllm_flash", *, hug
     exported = [t.detach() if hasattr(t, "detach") else t for t in tensor_list]
     core = _core.register_kv(exported, [lk.block_dim] * len(exported), layout.block_bytes, huge_pages=huge_pages)
     return KVRegistration(core, layout, kind, devices.pop())
+
+
+def register_kv_views(views: Sequence[Any], layout: KVLayout, block_dims: Sequence[int], *,
+                      huge_pages: bool = False) -> KVRegistration:
+    """Register arbitrary strided views as KV memory, for layouts no named kind describes.
+
+    ``views[i]`` is indexed by block along ``block_dims[i]``; block ``b`` of the registration is
+    the concatenation, in order, of every view's slice ``b`` (each decomposed into contiguous
+    runs from its real strides). The slices must add up to ``layout.block_bytes``. Example: a
+    transformers per-layer cache ``k[layer]`` of shape ``[1, heads, max_tokens, head_dim]`` is
+    ``k[layer][0].unflatten(1, (max_tokens // T, T))`` with block dim 1, and the same for V.
+    """
+    if not isinstance(layout, KVLayout):
+        raise InvalidArgumentError(f"layout must be a kvtier.KVLayout, got {type(layout).__name__}")
+    views = list(views)
+    dims = [int(d) for d in block_dims]
+    if not views or len(views) != len(dims):
+        raise InvalidArgumentError(f"need one block dim per view ({len(views)} views, {len(dims)} dims)")
+    devices = set()
+    for i, t in enumerate(views):
+        if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+            raise InvalidArgumentError(f"view {i} is a {type(t).__name__}, not a tensor")
+        got = str(t.dtype).removeprefix("torch.")
+        try:
+            got = dtype_name(t.dtype)
+        except InvalidArgumentError:
+            pass
+        if got != layout.dtype:
+            raise DTypeError(f"view {i} has dtype {got} but the layout says {layout.dtype}")
+        if not -len(t.shape) <= dims[i] < len(t.shape):
+            raise InvalidArgumentError(f"block dim {dims[i]} is out of range for view {i} of shape {tuple(t.shape)}")
+        dims[i] %= len(t.shape)
+        devices.add(_tensor_device(t))
+    if len(devices) > 1:
+        raise DeviceError(f"registered views must share one device, got {sorted(devices)}")
+    exported = [t.detach() if hasattr(t, "detach") else t for t in views]
+    core = _core.register_kv(exported, dims, layout.block_bytes, huge_pages=huge_pages)
+    return KVRegistration(core, layout, "views", devices.pop())
