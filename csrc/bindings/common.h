@@ -43,5 +43,6 @@ inline std::span<const BlockKey> Keys(const KeyArray& a) {
 
 // Optional parts register their classes through these (a stub does nothing when not built).
 void BindNvme(nb::module_& m);
+void BindIndex(nb::module_& m);
 
 }  // namespace kvtier::bind
