@@ -4,10 +4,18 @@
 
 #include "bindings/common.h"
 #include "index/block_hash.h"
+#include "index/block_index.h"
 
 namespace kvtier::bind {
 
 using TokenArray = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+template <typename T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> NewArray(size_t n, T** data) {
+  *data = new T[n == 0 ? 1 : n];
+  nb::capsule owner(*data, [](void* q) noexcept { delete[] static_cast<T*>(q); });
+  return nb::ndarray<nb::numpy, T, nb::ndim<1>>(*data, {n}, owner);
+}
 
 void BindIndex(nb::module_& m) {
   using namespace nb::literals;
@@ -31,6 +39,47 @@ void BindIndex(nb::module_& m) {
         return nb::ndarray<nb::numpy, uint64_t, nb::ndim<2>>(out, {n, 2}, owner);
       },
       "tokens"_a, "block_tokens"_a, "salt_hi"_a, "salt_lo"_a);
+
+  nb::class_<BlockIndex>(m, "BlockIndex")
+      .def(nb::init<>())
+      .def("match_prefix",
+           [](BlockIndex& ix, KeyArray keys) {
+             auto k = Keys(keys);
+             uint8_t* tiers;
+             int32_t* blocks;
+             auto t = NewArray<uint8_t>(k.size(), &tiers);
+             auto b = NewArray<int32_t>(k.size(), &blocks);
+             size_t n = ix.MatchPrefix(k, tiers, blocks);
+             return nb::make_tuple(n, t, b);
+           })
+      .def("contains",
+           [](const BlockIndex& ix, KeyArray keys) {
+             auto k = Keys(keys);
+             uint8_t* out;
+             auto a = NewArray<uint8_t>(k.size(), &out);
+             ix.Contains(k, out);
+             return a;
+           })
+      .def("insert", [](BlockIndex& ix, KeyArray keys, uint8_t tier, IdArray blocks) {
+        ThrowIfError(ix.Insert(Keys(keys), tier, Ids(blocks)));
+      })
+      .def("relocate", [](BlockIndex& ix, KeyArray keys, uint8_t tier, IdArray blocks) {
+        ThrowIfError(ix.Relocate(Keys(keys), tier, Ids(blocks)));
+      })
+      .def("remove", [](BlockIndex& ix, KeyArray keys) { return ix.Remove(Keys(keys)); })
+      .def("pin", [](BlockIndex& ix, KeyArray keys) { ThrowIfError(ix.Pin(Keys(keys))); })
+      .def("unpin", [](BlockIndex& ix, KeyArray keys) { ix.Unpin(Keys(keys)); })
+      .def("victims",
+           [](const BlockIndex& ix, uint8_t tier, size_t n) {
+             uint64_t* keys = new uint64_t[n == 0 ? 2 : 2 * n];
+             nb::capsule owner(keys, [](void* q) noexcept { delete[] static_cast<uint64_t*>(q); });
+             int32_t* blocks;
+             auto b = NewArray<int32_t>(n, &blocks);
+             size_t found = ix.Victims(tier, n, reinterpret_cast<BlockKey*>(keys), blocks);
+             auto k = nb::ndarray<nb::numpy, uint64_t, nb::ndim<2>>(keys, {found, 2}, owner);
+             return nb::make_tuple(k, b, found);
+           })
+      .def("count", &BlockIndex::Count);
 }
 
 }  // namespace kvtier::bind

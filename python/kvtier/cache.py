@@ -1,0 +1,365 @@
+"""TieredCache: a prefix cache across tiers (device, DRAM, NVMe), found by content.
+
+Blocks are keyed by chained hashes of their tokens (``kvtier.keys``), live in exactly one tier at
+a time (Note [Exclusive tiers] in csrc/index/block_index.h), and move through the copy engine
+and the NVMe tier in batches. The policy decisions below are made per batch; the per-block work
+(hashing, index lookups, LRU order, copies, I/O) is in C++.
+
+Tiers, fastest first:
+  device  the inference engine's own memory for cached blocks. Here a pool of the engine's
+          device type; on a CPU-only machine it is host memory standing in for HBM.
+  dram    a pinned (when a GPU exists) host pool.
+  nvme    a :class:`~kvtier.NvmeTier` on a directory.
+
+A tier that declines a block (full) demotes its least recently used unpinned blocks to the next
+tier (copy, then release); the last tier drops them (they will be recomputed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvtier import _core
+from kvtier.errors import InvalidArgumentError, OutOfCapacityError
+from kvtier.keys import hash_blocks
+from kvtier.layout import KVLayout
+from kvtier.memory import HostPool, KVRegistration, as_block_ids
+from kvtier.nvme import NvmeTier
+from kvtier.transfer import CopyEngine, TransferHandle
+
+DEVICE, DRAM, NVME = 0, 1, 2
+TIER_NAMES = ("device", "dram", "nvme")
+
+
+@dataclass
+class CacheMetrics:
+    """What the cache did. Counters only grow; ``snapshot()`` gives a plain dict."""
+
+    hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # blocks found, by tier
+    misses: int = 0  # full blocks looked up and not found
+    lookups: int = 0
+    stored_blocks: int = 0
+    dropped_blocks: int = 0  # evicted from the last tier
+    bytes_moved: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # "a->b": bytes
+    prefill_tokens_saved: int = 0
+    transfer_latency_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def record_transfer(self, src: str, dst: str, nbytes: int, latency_s: float) -> None:
+        self.bytes_moved[f"{src}->{dst}"] += nbytes
+        lat = self.transfer_latency_s[f"{src}->{dst}"]
+        if len(lat) < 100_000:  # bounded
+            lat.append(latency_s)
+
+    def snapshot(self) -> dict[str, Any]:
+        lat = {k: {"count": len(v), "p50_ms": float(np.median(v)) * 1e3 if v else 0.0,
+                   "p99_ms": float(np.percentile(v, 99)) * 1e3 if v else 0.0}
+               for k, v in self.transfer_latency_s.items()}
+        return {"hits": {t: self.hits.get(t, 0) for t in TIER_NAMES}, "misses": self.misses,
+                "lookups": self.lookups, "stored_blocks": self.stored_blocks,
+                "dropped_blocks": self.dropped_blocks, "bytes_moved": dict(self.bytes_moved),
+                "prefill_tokens_saved": self.prefill_tokens_saved, "transfer_latency": lat}
+
+
+@dataclass
+class PrefixMatch:
+    """The longest cached prefix of a token sequence; its blocks are pinned until released."""
+
+    keys: np.ndarray  # [n_full_blocks, 2] keys of every full block of the sequence
+    hit_blocks: int  # leading blocks found
+    tiers: np.ndarray  # [hit_blocks] tier of each hit block at match time
+    block_tokens: int
+
+    @property
+    def hit_tokens(self) -> int:
+        return self.hit_blocks * self.block_tokens
+
+
+class LoadHandle:
+    """A prefix being loaded in chunks: compute may start once the first blocks have arrived."""
+
+    def __init__(self, chunks: list[tuple[int, TransferHandle]], total_blocks: int) -> None:
+        self._chunks = chunks  # (blocks loaded once this chunk is done, handle)
+        self.total_blocks = total_blocks
+
+    def wait_blocks(self, n: int, timeout: float | None = None) -> None:
+        """Wait until at least the first ``n`` blocks are in place."""
+        for upto, h in self._chunks:
+            h.wait(timeout)
+            if upto >= n:
+                return
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.wait_blocks(self.total_blocks, timeout)
+
+
+class TieredCache:
+    """Prefix cache over device, DRAM and NVMe tiers.
+
+    Args:
+        layout: the model's KV layout (block size, dtype).
+        salt: names the model/layout/adapter (``kvtier.keys.make_salt``); part of every key.
+        device_bytes: capacity of the device tier (must hold at least one block).
+        dram_bytes: capacity of the DRAM tier (0: no DRAM tier).
+        nvme_dir / nvme_bytes: the NVMe tier (both, or neither).
+        engine: the copy engine (default: a new one).
+        load_chunk_blocks: blocks per load transfer (the granularity ``LoadHandle`` waits on).
+    """
+
+    def __init__(self, layout: KVLayout, salt: str, *, device_bytes: int, dram_bytes: int = 0,
+                 nvme_dir: str | None = None, nvme_bytes: int = 0, engine: CopyEngine | None = None,
+                 load_chunk_blocks: int = 8) -> None:
+        if not isinstance(layout, KVLayout):
+            raise InvalidArgumentError(f"layout must be a kvtier.KVLayout, got {type(layout).__name__}")
+        for name, value in (("device_bytes", device_bytes), ("dram_bytes", dram_bytes), ("nvme_bytes", nvme_bytes)):
+            if value < 0:
+                raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
+        if device_bytes < layout.block_bytes:
+            raise InvalidArgumentError(
+                f"device_bytes={device_bytes} is smaller than one block ({layout.block_bytes} bytes)")
+        if 0 < dram_bytes < layout.block_bytes:
+            raise InvalidArgumentError(f"dram_bytes={dram_bytes} is smaller than one block ({layout.block_bytes} bytes)")
+        if (nvme_dir is None) != (nvme_bytes == 0):
+            raise InvalidArgumentError("give both nvme_dir and nvme_bytes, or neither")
+        if nvme_dir is not None and dram_bytes == 0:
+            raise InvalidArgumentError("the NVMe tier stages through DRAM: give dram_bytes too")
+        self.layout = layout
+        self.salt = salt
+        self.block_tokens = layout.block_tokens
+        self.engine = engine or CopyEngine()
+        self.index = _core.BlockIndex()
+        self.pools: list[HostPool | None] = [HostPool(layout, capacity_bytes=device_bytes), None]
+        if dram_bytes:
+            self.pools[DRAM] = HostPool(layout, capacity_bytes=dram_bytes)
+        self.nvme: NvmeTier | None = None
+        # DRAM blocks never filled with cached data: staging for NVMe reads always has room,
+        # even when every cached DRAM block is pinned by running steps.
+        self.staging_reserve = 0
+        if nvme_dir is not None:
+            if self.pools[DRAM].num_blocks < 2:
+                raise InvalidArgumentError("with an NVMe tier, dram_bytes must hold at least 2 blocks")
+            self.staging_reserve = max(1, self.pools[DRAM].num_blocks // 8)
+            # The NVMe tier's staging blocks come from the DRAM pool itself.
+            self.nvme = NvmeTier(nvme_dir, self.pools[DRAM], capacity_bytes=nvme_bytes)
+        self.load_chunk_blocks = max(1, int(load_chunk_blocks))
+        self.metrics = CacheMetrics()
+
+    # ------------------------------------------------------------------ lookup
+
+    def keys_for(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        return hash_blocks(np.asarray(tokens, dtype=np.int64), self.block_tokens, self.salt)
+
+    def match(self, tokens: Sequence[int] | np.ndarray, max_blocks: int | None = None) -> PrefixMatch:
+        """Longest cached prefix of ``tokens`` (full blocks only), pinned until :meth:`release`."""
+        keys = self.keys_for(tokens)
+        probe = keys if max_blocks is None else keys[:max_blocks]
+        n, tiers, _ = self.index.match_prefix(probe)
+        if n:
+            self.index.pin(probe[:n])
+        self.metrics.lookups += 1
+        self.metrics.misses += len(probe) - n
+        for t in range(3):
+            self.metrics.hits[TIER_NAMES[t]] += int((tiers[:n] == t).sum())
+        return PrefixMatch(keys, n, tiers[:n].copy(), self.block_tokens)
+
+    def release(self, match: PrefixMatch) -> None:
+        if match.hit_blocks:
+            self.index.unpin(match.keys[: match.hit_blocks])
+            match.hit_blocks = 0
+
+    # ------------------------------------------------------------------ load (promotion)
+
+    def load(self, match: PrefixMatch, dst: KVRegistration, dst_blocks: Any) -> LoadHandle:
+        """Copy the matched prefix into ``dst`` blocks ``dst_blocks[i]`` (one per hit block).
+
+        Device and DRAM blocks are copied straight into ``dst`` in chunks of ``load_chunk_blocks``
+        (the caller may start on the first blocks while the rest arrive); NVMe blocks are read
+        into DRAM staging blocks first. Hit blocks are then promoted one tier up where room can
+        be made without evicting pinned blocks. A block that is missing or fails its checksum on
+        the way back ends the prefix there: ``match.hit_blocks`` (and the handle's
+        ``total_blocks``) shrink to what was loaded, and the caller recomputes the rest.
+        """
+        dst_ids = as_block_ids(dst_blocks, "destination blocks")
+        if len(dst_ids) < match.hit_blocks:
+            raise InvalidArgumentError(f"{match.hit_blocks} matched blocks but {len(dst_ids)} destination blocks")
+        n = match.hit_blocks
+        if n == 0:
+            return LoadHandle([], 0)
+        t0 = time.perf_counter()
+        _, tiers, blocks = self.index.match_prefix(match.keys[:n])
+        tiers, blocks = tiers[:n].copy(), blocks[:n].copy()
+        on_nvme = np.flatnonzero(tiers == NVME)
+        if len(on_nvme):
+            n = self._load_from_nvme(match, on_nvme, dst, dst_ids)
+            tiers, blocks = tiers[:n], blocks[:n]
+        chunks: list[tuple[int, TransferHandle]] = []
+        for tier in (DEVICE, DRAM):
+            pos = np.flatnonzero(tiers == tier)
+            for start in range(0, len(pos), self.load_chunk_blocks):
+                p = pos[start:start + self.load_chunk_blocks]
+                h = self.engine.transfer(self.pools[tier], blocks[p], dst, dst_ids[p])
+                chunks.append((int(p[-1]) + 1, h))
+        chunks.sort(key=lambda c: c[0])
+        handle = LoadHandle(chunks, n)
+        handle.wait()
+        for tier in (DEVICE, DRAM):
+            moved = int((tiers == tier).sum()) * self.layout.block_bytes
+            if moved:
+                self.metrics.record_transfer(TIER_NAMES[tier], "engine", moved, time.perf_counter() - t0)
+        self.metrics.prefill_tokens_saved += n * self.block_tokens
+        self._promote_dram(match.keys[:n], tiers, blocks)
+        return handle
+
+    def _load_from_nvme(self, match: PrefixMatch, on_nvme: np.ndarray, dst: KVRegistration,
+                        dst_ids: np.ndarray) -> int:
+        """Read the prefix's NVMe blocks through DRAM staging into ``dst``; returns the number of
+        leading blocks still usable (all, unless one was missing or corrupt)."""
+        keys = match.keys[: match.hit_blocks]
+        dram = self.pools[DRAM]
+        step = self.staging_reserve
+        usable = match.hit_blocks
+        for start in range(0, len(on_nvme), step):
+            pos = on_nvme[start:start + step]
+            pos = pos[pos < usable]
+            if len(pos) == 0:
+                break
+            k = keys[pos]
+            staging = self._allocate(DRAM, len(pos), staging=True)
+            h = self.nvme.read(k, staging)
+            h.wait()
+            ok = h.block_ok
+            self.metrics.record_transfer("nvme", "dram", int(ok.sum()) * self.layout.block_bytes, h.latency_s)
+            if not ok.all():  # missing or corrupt: a miss from the first bad block on
+                usable = int(pos[np.argmin(ok)])
+                self.metrics.hits["nvme"] -= int((~ok).sum())
+                self.metrics.misses += int((~ok).sum())
+                self.index.unpin(k[~ok])
+                self.index.remove(k[~ok])
+            good = ok & (pos < usable)
+            if good.any():
+                self.engine.transfer(dram, staging[good], dst, dst_ids[pos[good]]).wait()
+                self.metrics.record_transfer("dram", "engine", int(good.sum()) * self.layout.block_bytes, 0.0)
+            # Promote to DRAM only into blocks that were free anyway; otherwise stay on NVMe.
+            keep = good & (np.cumsum(good) <= max(0, dram.free_blocks + len(pos) - 2 * self.staging_reserve))
+            if keep.any():
+                self.nvme.evict(k[keep])
+                self.index.relocate(k[keep], DRAM, staging[keep])
+            dram.free(staging[~keep])
+        if usable < match.hit_blocks:
+            tail = keys[usable:]
+            self.index.unpin(tail[self.index.contains(tail) == 1])
+            match.hit_blocks = usable
+        return usable
+
+    def _promote_dram(self, keys: np.ndarray, tiers: np.ndarray, blocks: np.ndarray) -> None:
+        """Move DRAM hits up to the device tier, head first, as far as unpinned room allows."""
+        pos = np.flatnonzero(tiers == DRAM)
+        if len(pos) == 0:
+            return
+        dev = self.pools[DEVICE]
+        _, _, evictable = self.index.victims(DEVICE, len(pos))
+        room = min(len(pos), dev.free_blocks + evictable)
+        if room == 0:
+            return
+        pos = pos[:room]
+        dev_ids = self._allocate(DEVICE, room)
+        h = self.engine.transfer(self.pools[DRAM], blocks[pos], dev, dev_ids)
+        h.wait()
+        self.metrics.record_transfer("dram", "device", h.bytes, h.latency_s)
+        self.index.relocate(keys[pos], DEVICE, dev_ids)
+        self.pools[DRAM].free(blocks[pos])
+
+    # ------------------------------------------------------------------ store
+
+    def store(self, tokens: Sequence[int] | np.ndarray, src: KVRegistration, src_blocks: Any,
+              first_block: int = 0) -> int:
+        """Cache full blocks ``first_block..`` of ``tokens`` from ``src`` blocks ``src_blocks``.
+
+        ``src_blocks[i]`` holds block ``first_block + i`` of the sequence. Blocks already cached
+        are skipped. Returns how many blocks were stored.
+        """
+        keys = self.keys_for(tokens)[first_block:]
+        ids = as_block_ids(src_blocks, "source blocks")
+        if len(ids) < len(keys):
+            keys = keys[: len(ids)]
+        ids = ids[: len(keys)]
+        if len(keys) == 0:
+            return 0
+        new = self.index.contains(keys) == 0
+        if not new.any():
+            return 0
+        keys, ids = keys[new], ids[new]
+        # In chunks of at most half the device tier, so a long sequence streams down the tiers.
+        step = max(1, self.pools[DEVICE].num_blocks // 2)
+        for start in range(0, len(keys), step):
+            k, i = keys[start:start + step], ids[start:start + step]
+            dev_ids = self._allocate(DEVICE, len(k))
+            h = self.engine.transfer(src, i, self.pools[DEVICE], dev_ids)
+            h.wait()
+            self.metrics.record_transfer("engine", "device", h.bytes, h.latency_s)
+            self.index.insert(k, DEVICE, dev_ids)
+        self.metrics.stored_blocks += len(keys)
+        return len(keys)
+
+    # ------------------------------------------------------------------ capacity and demotion
+
+    def _allocate(self, tier: int, n: int, staging: bool = False) -> np.ndarray:
+        pool = self.pools[tier]
+        reserve = 0 if staging or tier != DRAM else self.staging_reserve
+        if n > pool.num_blocks - reserve:
+            raise OutOfCapacityError(
+                f"{n} blocks do not fit the {TIER_NAMES[tier]} tier ({pool.num_blocks - reserve} blocks)")
+        short = n - (pool.free_blocks - reserve)
+        if short > 0:
+            self._demote(tier, short)
+        return pool.allocate(n)
+
+    def _demote(self, tier: int, n: int) -> None:
+        """Free ``n`` blocks of ``tier`` by moving its LRU blocks one tier down (or dropping them)."""
+        keys, blocks, found = self.index.victims(tier, n)
+        blocks = blocks[:found]
+        if found < n:
+            raise OutOfCapacityError(
+                f"the {TIER_NAMES[tier]} tier is full of pinned blocks: {n} needed, {found} evictable")
+        pool = self.pools[tier]
+        below = tier + 1
+        if below == DRAM and self.pools[DRAM] is not None:
+            dst = self._allocate(DRAM, found)
+            h = self.engine.transfer(pool, blocks, self.pools[DRAM], dst)
+            h.wait()
+            self.metrics.record_transfer("device", "dram", h.bytes, h.latency_s)
+            self.index.relocate(keys, DRAM, dst)
+        elif below == NVME and self.nvme is not None:
+            h = self.nvme.write(keys, blocks)
+            try:
+                h.wait()
+                self.metrics.record_transfer("dram", "nvme", h.bytes, h.latency_s)
+                self.index.relocate(keys, NVME, np.zeros(found, dtype=np.int32))
+            except OutOfCapacityError:
+                self._make_room_on_nvme(found)
+                self.nvme.write(keys, blocks).wait()
+                self.index.relocate(keys, NVME, np.zeros(found, dtype=np.int32))
+        else:
+            self.index.remove(keys)
+            self.metrics.dropped_blocks += found
+        pool.free(blocks)  # copy-then-release: the new copy is complete (or the block is dropped)
+
+    def _make_room_on_nvme(self, n: int) -> None:
+        keys, _, found = self.index.victims(NVME, n)
+        self.nvme.evict(keys)
+        self.index.remove(keys)
+        self.metrics.dropped_blocks += found
+
+    # ------------------------------------------------------------------ introspection
+
+    def blocks_per_tier(self) -> dict[str, int]:
+        return {TIER_NAMES[t]: self.index.count(t) for t in range(3)}
+
+    def close(self) -> None:
+        if self.nvme is not None:
+            self.nvme.close()
