@@ -74,6 +74,7 @@ class PrefixMatch:
     hit_blocks: int  # leading blocks found
     tiers: np.ndarray  # [hit_blocks] tier of each hit block at match time
     block_tokens: int
+    pinned: int = 0  # leading keys this match holds pinned (released by TieredCache.release)
 
     @property
     def hit_tokens(self) -> int:
@@ -165,12 +166,12 @@ class TieredCache:
         self.metrics.misses += len(probe) - n
         for t in range(3):
             self.metrics.hits[TIER_NAMES[t]] += int((tiers[:n] == t).sum())
-        return PrefixMatch(keys, n, tiers[:n].copy(), self.block_tokens)
+        return PrefixMatch(keys, n, tiers[:n].copy(), self.block_tokens, pinned=n)
 
     def release(self, match: PrefixMatch) -> None:
-        if match.hit_blocks:
-            self.index.unpin(match.keys[: match.hit_blocks])
-            match.hit_blocks = 0
+        if match.pinned:
+            self.index.unpin(match.keys[: match.pinned])
+            match.pinned = 0
 
     # ------------------------------------------------------------------ load (promotion)
 
@@ -253,7 +254,7 @@ class TieredCache:
         if usable < match.hit_blocks:
             tail = keys[usable:]
             self.index.unpin(tail[self.index.contains(tail) == 1])
-            match.hit_blocks = usable
+            match.hit_blocks = match.pinned = usable
         return usable
 
     def _promote_dram(self, keys: np.ndarray, tiers: np.ndarray, blocks: np.ndarray) -> None:
@@ -294,9 +295,10 @@ class TieredCache:
         if not new.any():
             return 0
         keys, ids = keys[new], ids[new]
-        # In chunks of at most half the device tier, so a long sequence streams down the tiers.
+        # In chunks of at most half the device tier, so a long sequence streams down the tiers;
+        # tail chunk first, so the head ends most recent (Note [Tail-first eviction]).
         step = max(1, self.pools[DEVICE].num_blocks // 2)
-        for start in range(0, len(keys), step):
+        for start in reversed(range(0, len(keys), step)):
             k, i = keys[start:start + step], ids[start:start + step]
             dev_ids = self._allocate(DEVICE, len(k))
             h = self.engine.transfer(src, i, self.pools[DEVICE], dev_ids)
