@@ -26,6 +26,8 @@ from kvtier.errors import (
 )
 from kvtier.layout import LAYOUT_KINDS, KVLayout
 from kvtier.memory import HostPool, KVRegistration, PoolStats, register_kv, register_kv_views
+from kvtier import keys  # noqa: F401
+from kvtier.cache import TieredCache
 from kvtier.nvme import NvmeTier
 from kvtier.staging import kv_to_nvme, nvme_to_kv
 from kvtier.transfer import CopyEngine, TransferHandle, default_engine
@@ -50,6 +52,7 @@ __all__ = [
     "PoolStats",
     "TransferError",
     "TransferHandle",
+    "TieredCache",
     "TransferTimeoutError",
     "UnavailableError",
     "default_engine",

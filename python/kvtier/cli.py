@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: ``kvtier info``, ``kvtier bench copy``, ``kvtier bench nvme``."""
+"""The ``kvtier`` command: ``kvtier info``, ``kvtier replay``, ``kvtier bench copy``, ``kvtier bench nvme``."""
 
 from __future__ import annotations
 
@@ -19,12 +19,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+          "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def _size(text: str) -> int:
+    """Bytes from '8MiB', '1.5GiB', '4096'."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 64MiB, 2GiB or 4096, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier", description="KV-cache tiering engine for LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="version, compiled backends and what is usable on this machine")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    rp = sub.add_parser("replay", help="replay an agent-trace workload on a real decoder under each cache policy")
+    rp.add_argument("--model", default=None, help="local transformers causal-LM folder (default: a built-in tiny model)")
+    rp.add_argument("--workload", default=None, help="JSONL workload (default: a generated agent workload)")
+    rp.add_argument("--policy", action="append", default=None,
+                    help="none, device-lru, tiered, or all (repeatable; default: all)")
+    rp.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    rp.add_argument("--plot", metavar="PNG", help="write a plot of JCT, prefill and hits per policy")
+    rp.add_argument("--device-budget", type=_size, default=None, help="device tier size (default: 1/10 of the workload's KV)")
+    rp.add_argument("--dram-budget", type=_size, default=None, help="DRAM tier size (default: 1/4 of the workload's KV)")
+    rp.add_argument("--nvme-dir", default=None, help="NVMe tier directory (default: a temporary one here)")
+    rp.add_argument("--nvme-budget", type=_size, default=None, help="NVMe tier size (default: 2x the workload's KV)")
+    rp.add_argument("--traces", type=_positive_int, default=8, help="traces in the generated workload")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
+    rp.add_argument("--write-workload", metavar="PATH", help="write the generated workload as JSONL and exit")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = sub.add_parser("bench", help="microbenchmarks (kvtier against an anchor, same run)")
     bsub = bench.add_subparsers(dest="suite", required=True)
@@ -65,6 +98,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(data, indent=2))
             else:
                 render(data)
+            return 0
+        if args.command == "replay":
+            from kvtier import replay
+
+            if args.write_workload:
+                from kvtier import workload as wl
+
+                wl.dump(wl.default_workload(2048, seed=args.seed, traces=args.traces), args.write_workload)
+                print(f"wrote {args.write_workload}")
+                return 0
+            replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
+                       plot_path=args.plot, device_budget=args.device_budget, dram_budget=args.dram_budget,
+                       nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed, traces=args.traces,
+                       progress=not args.no_progress)
             return 0
         if args.command == "bench" and args.suite == "copy":
             from kvtier.benchmarks import copy
