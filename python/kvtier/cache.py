@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kvtier import _core
+from kvtier import errors as kvtier_errors
 from kvtier.errors import InvalidArgumentError, OutOfCapacityError
 from kvtier.keys import hash_blocks
 from kvtier.layout import KVLayout
@@ -45,7 +46,9 @@ class CacheMetrics:
     misses: int = 0  # full blocks looked up and not found
     lookups: int = 0
     stored_blocks: int = 0
-    dropped_blocks: int = 0  # evicted from the last tier
+    dropped_blocks: int = 0  # evicted from the last tier (or refused by a full/failing one)
+    declined_blocks: int = 0  # not stored: the device tier was full of pinned blocks
+    nvme_write_errors: int = 0
     bytes_moved: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # "a->b": bytes
     prefill_tokens_saved: int = 0
     transfer_latency_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -62,7 +65,8 @@ class CacheMetrics:
                for k, v in self.transfer_latency_s.items()}
         return {"hits": {t: self.hits.get(t, 0) for t in TIER_NAMES}, "misses": self.misses,
                 "lookups": self.lookups, "stored_blocks": self.stored_blocks,
-                "dropped_blocks": self.dropped_blocks, "bytes_moved": dict(self.bytes_moved),
+                "dropped_blocks": self.dropped_blocks, "declined_blocks": self.declined_blocks,
+                "nvme_write_errors": self.nvme_write_errors, "bytes_moved": dict(self.bytes_moved),
                 "prefill_tokens_saved": self.prefill_tokens_saved, "transfer_latency": lat}
 
 
@@ -230,7 +234,11 @@ class TieredCache:
             if len(pos) == 0:
                 break
             k = keys[pos]
-            staging = self._allocate(DRAM, len(pos), staging=True)
+            try:
+                staging = self._allocate(DRAM, len(pos), staging=True)
+            except OutOfCapacityError:
+                usable = int(pos[0])  # no staging room: recompute from here
+                break
             h = self.nvme.read(k, staging)
             h.wait()
             ok = h.block_ok
@@ -300,62 +308,90 @@ class TieredCache:
         step = max(1, self.pools[DEVICE].num_blocks // 2)
         for start in reversed(range(0, len(keys), step)):
             k, i = keys[start:start + step], ids[start:start + step]
-            dev_ids = self._allocate(DEVICE, len(k))
+            try:
+                dev_ids = self._allocate(DEVICE, len(k))
+            except OutOfCapacityError:
+                self.metrics.declined_blocks += len(k)  # the device tier is pinned full: skip
+                continue
             h = self.engine.transfer(src, i, self.pools[DEVICE], dev_ids)
             h.wait()
             self.metrics.record_transfer("engine", "device", h.bytes, h.latency_s)
             self.index.insert(k, DEVICE, dev_ids)
-        self.metrics.stored_blocks += len(keys)
-        return len(keys)
+        stored = len(keys) - int(self.index.contains(keys).size - self.index.contains(keys).sum())
+        self.metrics.stored_blocks += stored
+        return stored
 
     # ------------------------------------------------------------------ capacity and demotion
 
-    def _allocate(self, tier: int, n: int, staging: bool = False) -> np.ndarray:
-        pool = self.pools[tier]
+    def _free_blocks(self, tier: int, staging: bool = False) -> int:
         reserve = 0 if staging or tier != DRAM else self.staging_reserve
-        if n > pool.num_blocks - reserve:
-            raise OutOfCapacityError(
-                f"{n} blocks do not fit the {TIER_NAMES[tier]} tier ({pool.num_blocks - reserve} blocks)")
-        short = n - (pool.free_blocks - reserve)
+        return self.pools[tier].free_blocks - reserve
+
+    def _allocate(self, tier: int, n: int, staging: bool = False) -> np.ndarray:
+        """``n`` blocks of ``tier``, demoting its LRU blocks to make room; OutOfCapacityError when
+        the tier is too full of pinned blocks (the caller then declines to cache)."""
+        short = n - self._free_blocks(tier, staging)
         if short > 0:
             self._demote(tier, short)
-        return pool.allocate(n)
+        if self._free_blocks(tier, staging) < n:
+            raise OutOfCapacityError(
+                f"the {TIER_NAMES[tier]} tier has {max(0, self._free_blocks(tier, staging))} free blocks and the "
+                f"rest are pinned by running steps: {n} needed")
+        return self.pools[tier].allocate(n)
 
-    def _demote(self, tier: int, n: int) -> None:
-        """Free ``n`` blocks of ``tier`` by moving its LRU blocks one tier down (or dropping them)."""
+    def _make_room(self, tier: int, n: int) -> int:
+        """Try to have ``n`` free blocks in ``tier``; returns how many are free (may be fewer)."""
+        if tier > NVME or (tier == DRAM and self.pools[DRAM] is None) or (tier == NVME and self.nvme is None):
+            return 0
+        if tier == NVME:
+            free = self.nvme.num_slots - self.nvme.stats()["used_slots"]
+            if free < n:
+                keys, _, found = self.index.victims(NVME, n - free)
+                self.nvme.evict(keys)
+                self.index.remove(keys)
+                self.metrics.dropped_blocks += found
+                free += found
+            return free
+        short = n - self._free_blocks(tier)
+        if short > 0:
+            self._demote(tier, short)
+        return max(0, self._free_blocks(tier))
+
+    def _demote(self, tier: int, n: int) -> int:
+        """Free up to ``n`` blocks of ``tier`` by moving its LRU unpinned blocks one tier down;
+        what the tier below cannot take is dropped (recomputed later). Copy, then release."""
         keys, blocks, found = self.index.victims(tier, n)
         blocks = blocks[:found]
-        if found < n:
-            raise OutOfCapacityError(
-                f"the {TIER_NAMES[tier]} tier is full of pinned blocks: {n} needed, {found} evictable")
-        pool = self.pools[tier]
-        below = tier + 1
-        if below == DRAM and self.pools[DRAM] is not None:
-            dst = self._allocate(DRAM, found)
-            h = self.engine.transfer(pool, blocks, self.pools[DRAM], dst)
-            h.wait()
-            self.metrics.record_transfer("device", "dram", h.bytes, h.latency_s)
-            self.index.relocate(keys, DRAM, dst)
-        elif below == NVME and self.nvme is not None:
-            h = self.nvme.write(keys, blocks)
-            try:
+        if found == 0:
+            return 0
+        room = self._make_room(tier + 1, found)
+        moved = min(found, room)
+        if moved:
+            mk, mb = keys[:moved], blocks[:moved]
+            if tier == DEVICE:
+                dst = self.pools[DRAM].allocate(moved)
+                h = self.engine.transfer(self.pools[DEVICE], mb, self.pools[DRAM], dst)
                 h.wait()
-                self.metrics.record_transfer("dram", "nvme", h.bytes, h.latency_s)
-                self.index.relocate(keys, NVME, np.zeros(found, dtype=np.int32))
-            except OutOfCapacityError:
-                self._make_room_on_nvme(found)
-                self.nvme.write(keys, blocks).wait()
-                self.index.relocate(keys, NVME, np.zeros(found, dtype=np.int32))
-        else:
-            self.index.remove(keys)
-            self.metrics.dropped_blocks += found
-        pool.free(blocks)  # copy-then-release: the new copy is complete (or the block is dropped)
-
-    def _make_room_on_nvme(self, n: int) -> None:
-        keys, _, found = self.index.victims(NVME, n)
-        self.nvme.evict(keys)
-        self.index.remove(keys)
-        self.metrics.dropped_blocks += found
+                self.metrics.record_transfer("device", "dram", h.bytes, h.latency_s)
+                self.index.relocate(mk, DRAM, dst)
+            else:
+                h = self.nvme.write(mk, mb)
+                try:
+                    h.wait()
+                    self.metrics.record_transfer("dram", "nvme", h.bytes, h.latency_s)
+                    self.index.relocate(mk, NVME, np.zeros(moved, dtype=np.int32))
+                except kvtier_errors.KvtierError:
+                    # A full or failing disk degrades the cache, never the outputs: drop them.
+                    ok = h.block_ok if h.block_ok is not None else np.zeros(moved, dtype=bool)
+                    self.index.relocate(mk[ok], NVME, np.zeros(int(ok.sum()), dtype=np.int32))
+                    self.index.remove(mk[~ok])
+                    self.metrics.dropped_blocks += int((~ok).sum())
+                    self.metrics.nvme_write_errors += 1
+        if moved < found:
+            self.index.remove(keys[moved:])
+            self.metrics.dropped_blocks += found - moved
+        self.pools[tier].free(blocks)
+        return found
 
     # ------------------------------------------------------------------ introspection
 

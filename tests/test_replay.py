@@ -1,0 +1,110 @@
+"""kvtier replay end to end on a tiny offline model, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvtier
+from kvtier import replay
+from kvtier import workload as wl
+from kvtier.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    d = tmp_path_factory.mktemp("qwen2-tiny")
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def small_workload(vocab: int, seed: int = 1) -> list[wl.Trace]:
+    return wl.default_workload(vocab, seed=seed, traces=3, system_tokens=96, tools_tokens=32, steps=(3, 3), forks=1)
+
+
+def test_policies_agree_on_tokens_and_order_on_prefill(model_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "w.jsonl"
+    traces = small_workload(256)
+    wl.dump(traces, path)
+    out = tmp_path / "r.json"
+    report = replay.run(model_dir=str(model_dir), workload=str(path), json_path=str(out),
+                        device_budget=8 * 2 * 2 * 2 * 16 * 4 * 16, progress=False, nvme_dir=str(tmp_path / "nvme"))
+    assert report["tokens_identical"]
+    p = report["policies"]
+    comp = {k: v["prefill_tokens"]["computed"] for k, v in p.items()}
+    assert comp["tiered"] <= comp["device-lru"] < comp["none"] == p["none"]["prefill_tokens"]["total"]
+    for t in traces:
+        gen = p["tiered"]["tokens"][t.trace_id]
+        assert [len(x) for x in gen] == [s.generate for s in t.steps]
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"none", "device-lru", "tiered"}
+    for k in ("jct_s", "tasks_per_hour", "prefill_tokens", "hits", "bytes_moved", "tokens"):
+        assert k in data["policies"]["tiered"]
+
+
+def test_workload_round_trip(tmp_path: Path) -> None:
+    traces = small_workload(256)
+    wl.dump(traces, tmp_path / "w.jsonl")
+    again = wl.load(tmp_path / "w.jsonl", vocab_size=256)
+    assert [t.trace_id for t in again] == [t.trace_id for t in traces]
+    assert again[0].steps[0].append == traces[0].steps[0].append
+    assert any(t.fork_of is not None for t in again)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", "not valid JSON"),
+    ('{"trace_id": "a"}', "missing field 'steps'"),
+    ('{"trace_id": "a", "steps": []}', "non-empty list"),
+    ('{"trace_id": "a", "steps": [{"append": [1, "x"], "generate": 2}]}', "integer token ids"),
+    ('{"trace_id": "a", "steps": [{"append": [1], "generate": 0}]}', "generate must be an int >= 1"),
+    ('{"trace_id": "a", "steps": [{"append": [1], "generate": 2, "tool_gap_s": -1}]}', "tool_gap_s"),
+    ('{"trace_id": "a", "fork_of": {"trace_id": "zz", "after_step": 0}, "steps": [{"append": [1], "generate": 2}]}',
+     "unknown trace"),
+    ('{"trace_id": "a", "steps": [{"append": [1, 999999], "generate": 2}]}', "outside the model's vocabulary"),
+])
+def test_bad_workload_lines_name_the_problem(tmp_path: Path, line: str, match: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(kvtier.InvalidArgumentError, match=match):
+        wl.load(path, vocab_size=256)
+
+
+def test_not_a_causal_lm(tmp_path: Path) -> None:
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(kvtier.InvalidArgumentError, match="not a causal LM"):
+        replay.load_model(tmp_path)
+    with pytest.raises(kvtier.InvalidArgumentError, match="no config.json"):
+        replay.load_model(tmp_path / "missing")
+
+
+def test_cli_errors_are_clear(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "w.jsonl"
+    wl.dump(small_workload(256), path)
+    assert main(["replay", "--model", str(model_dir), "--workload", str(path), "--device-budget", "100",
+                 "--no-progress"]) == 2
+    assert "smaller than one block" in capsys.readouterr().err
+    assert main(["replay", "--model", str(model_dir), "--policy", "bogus", "--no-progress"]) == 2
+    assert "unknown policy" in capsys.readouterr().err
+
+
+def test_token_ids_are_deterministic_per_seed() -> None:
+    a = wl.default_workload(512, seed=3)
+    b = wl.default_workload(512, seed=3)
+    c = wl.default_workload(512, seed=4)
+    assert [s.append for t in a for s in t.steps] == [s.append for t in b for s in t.steps]
+    assert [s.append for t in a for s in t.steps] != [s.append for t in c for s in t.steps]
+    assert all(0 <= x < 512 for t in a for s in t.steps for x in s.append)
+    assert np.mean([len(t.steps) for t in a]) >= 3
