@@ -120,3 +120,21 @@ def test_bad_configuration(tmp_path: Path) -> None:
     _, reg = kv_region()
     with pytest.raises(kvtier.InvalidArgumentError, match="token id"):
         cache.store(np.array([1, 2, -5, 4]), reg, [0])
+
+
+def test_prometheus_export(tmp_path: Path) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from kvtier.metrics import register_cache
+
+    cache = make(tmp_path, device=4, dram=8)
+    _, reg = kv_region()
+    cache.store(np.arange(40), reg, np.arange(10))
+    load_into_fresh(cache, np.arange(40))
+    registry = prometheus_client.CollectorRegistry()
+    register_cache(cache, registry, name="t")
+    text = prometheus_client.generate_latest(registry).decode()
+    assert 'kvtier_cache_hits_total{cache="t",tier="device"}' in text
+    assert 'kvtier_cache_bytes_moved_total{cache="t",dst="dram",src="device"}' in text
+    assert 'kvtier_cache_blocks{cache="t",tier="dram"}' in text
+    hits = registry.get_sample_value("kvtier_cache_hits_total", {"cache": "t", "tier": "dram"})
+    assert hits == cache.metrics.snapshot()["hits"]["dram"] > 0
