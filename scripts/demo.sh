@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up, then show what this build can do and how fast it copies KV blocks.
+# The main job: set up, show what this build can do, then replay the built-in agent workload on
+# the built-in random-weight model under every cache policy (table, replay.json, replay.png).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" replay
 kvtier info
-kvtier bench copy --json bench-copy.json "$@"
+kvtier replay --json replay.json --plot replay.png "$@"

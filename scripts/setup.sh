@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shared setup for scripts/demo.sh and scripts/test.sh: Debian packages, a virtual environment in
-# .venv, and kvtier built and installed into it. Source it; pass "test" to add the test extras.
+# .venv, and kvtier built and installed into it. Source it with the extras to install.
 set -euo pipefail
 
 KVTIER_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,13 +30,11 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-extras=""
+# $1: the extras to install: "replay" (the main job) or "test"; both need torch (pinned to the
+# CPU build 2.13.0: a bare "torch" pulls a multi-GB CUDA build).
+extras="[${1:-replay}]"
 pip_extra=()
-if [ "${1:-}" = "test" ]; then
-  extras="[test]"
-  # The CPU build of torch, pinned: a bare "torch" pulls a multi-GB CUDA build.
-  python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
-    || pip_extra+=("torch==2.13.0")
-fi
+python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+  || pip_extra+=("torch==2.13.0")
 echo "kvtier setup: building and installing kvtier${extras} into .venv (CUDA=${KVTIER_CUDA:-AUTO})"
 pip install --disable-pip-version-check -q ".${extras}" "${pip_extra[@]}"

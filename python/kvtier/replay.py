@@ -46,6 +46,9 @@ def build_default_model(directory: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory
@@ -65,6 +68,9 @@ def load_model(model_dir: str | Path) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise InvalidArgumentError(f"{str(path)!r} is not a model folder (no config.json)")
