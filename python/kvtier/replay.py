@@ -65,7 +65,6 @@ def build_default_model(directory: str | Path, seed: int = 0) -> Path:
 
 def load_model(model_dir: str | Path) -> Any:
     """A transformers causal LM from a local folder, in eval mode; clear errors otherwise."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
@@ -85,7 +84,6 @@ def load_model(model_dir: str | Path) -> Any:
             f"{str(path)!r} holds a {config.model_type!r} model, which is not a causal LM transformers "
             f"can load with AutoModelForCausalLM ({str(e).splitlines()[0]})") from None
     model.eval()
-    torch.set_grad_enabled(False)
     global _CACHE_KW
     _CACHE_KW = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     gc = model.generation_config
@@ -141,8 +139,9 @@ class PolicyRunner:
             hit = handle.total_blocks
             self.kvc.set_seq_length(hit * BLOCK_TOKENS)
         ids = torch.from_numpy(ctx).unsqueeze(0)
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{_CACHE_KW: self.kvc},
-                                  max_new_tokens=generate, min_new_tokens=generate, do_sample=False)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{_CACHE_KW: self.kvc},
+                                      max_new_tokens=generate, min_new_tokens=generate, do_sample=False)
         new = out[0, len(ctx):].tolist()
         if self.cache is not None:
             self.cache.release(match)
