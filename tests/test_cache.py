@@ -30,7 +30,7 @@ def load_into_fresh(cache: TieredCache, tokens: np.ndarray):
     out = torch.zeros(64, 2, 2, 4, 2, 16)
     reg = kvtier.register_kv(out, L, "blocks_first")
     m = cache.match(tokens)
-    cache.load(m, reg, np.arange(m.hit_blocks))
+    cache.load(m, reg, np.arange(m.hit_blocks)).wait()
     cache.release(m)
     return m.hit_blocks, out
 
@@ -138,3 +138,21 @@ def test_prometheus_export(tmp_path: Path) -> None:
     assert 'kvtier_cache_blocks{cache="t",tier="dram"}' in text
     hits = registry.get_sample_value("kvtier_cache_hits_total", {"cache": "t", "tier": "dram"})
     assert hits == cache.metrics.snapshot()["hits"]["dram"] > 0
+
+
+def test_load_lets_compute_start_on_the_first_blocks(tmp_path: Path) -> None:
+    cache = TieredCache(L, SALT, device_bytes=32 * L.block_bytes, load_chunk_blocks=2)
+    kv, reg = kv_region()
+    toks = np.arange(4 * 12)
+    cache.store(toks, reg, np.arange(12))
+    out = torch.zeros(64, 2, 2, 4, 2, 16)
+    dst = kvtier.register_kv(out, L, "blocks_first")
+    m = cache.match(toks)
+    h = cache.load(m, dst, np.arange(m.hit_blocks))
+    assert h.total_blocks == 12 and len(h._chunks) == 6
+    h.wait_blocks(2)
+    assert torch.equal(out[:2], kv[:2])  # the first chunk is in place
+    h.wait()
+    assert torch.equal(out[:12], kv[:12])
+    cache.release(m)
+    assert cache.metrics.snapshot()["bytes_moved"]["device->engine"] == 12 * L.block_bytes

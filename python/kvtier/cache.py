@@ -88,16 +88,21 @@ class PrefixMatch:
 class LoadHandle:
     """A prefix being loaded in chunks: compute may start once the first blocks have arrived."""
 
-    def __init__(self, chunks: list[tuple[int, TransferHandle]], total_blocks: int) -> None:
-        self._chunks = chunks  # (blocks loaded once this chunk is done, handle)
+    def __init__(self, chunks: list[tuple[int, TransferHandle]], total_blocks: int,
+                 on_done: Any = None) -> None:
+        self._chunks = chunks  # (blocks in place once this chunk and all before it are done, handle)
         self.total_blocks = total_blocks
+        self._on_done = on_done
 
     def wait_blocks(self, n: int, timeout: float | None = None) -> None:
         """Wait until at least the first ``n`` blocks are in place."""
         for upto, h in self._chunks:
             h.wait(timeout)
             if upto >= n:
-                return
+                break
+        if n >= self.total_blocks and self._on_done is not None:
+            done, self._on_done = self._on_done, None
+            done()
 
     def wait(self, timeout: float | None = None) -> None:
         self.wait_blocks(self.total_blocks, timeout)
@@ -182,8 +187,10 @@ class TieredCache:
     def load(self, match: PrefixMatch, dst: KVRegistration, dst_blocks: Any) -> LoadHandle:
         """Copy the matched prefix into ``dst`` blocks ``dst_blocks[i]`` (one per hit block).
 
-        Device and DRAM blocks are copied straight into ``dst`` in chunks of ``load_chunk_blocks``
-        (the caller may start on the first blocks while the rest arrive); NVMe blocks are read
+        Device and DRAM blocks are copied straight into ``dst`` in chunks of ``load_chunk_blocks``;
+        the returned handle is not waited on, so the caller may start on the first blocks
+        (``wait_blocks(n)``) while the rest arrive, and must ``wait()`` before using all of them.
+        NVMe blocks are read
         into DRAM staging blocks first. Hit blocks are then promoted one tier up where room can
         be made without evicting pinned blocks. A block that is missing or fails its checksum on
         the way back ends the prefix there: ``match.hit_blocks`` (and the handle's
@@ -210,13 +217,17 @@ class TieredCache:
                 h = self.engine.transfer(self.pools[tier], blocks[p], dst, dst_ids[p])
                 chunks.append((int(p[-1]) + 1, h))
         chunks.sort(key=lambda c: c[0])
-        handle = LoadHandle(chunks, n)
-        handle.wait()
-        for tier in (DEVICE, DRAM):
-            moved = int((tiers == tier).sum()) * self.layout.block_bytes
-            if moved:
-                self.metrics.record_transfer(TIER_NAMES[tier], "engine", moved, time.perf_counter() - t0)
+
+        def record() -> None:
+            for tier in (DEVICE, DRAM):
+                moved = int((tiers == tier).sum()) * self.layout.block_bytes
+                if moved:
+                    self.metrics.record_transfer(TIER_NAMES[tier], "engine", moved, time.perf_counter() - t0)
+
+        handle = LoadHandle(chunks, n, record)
         self.metrics.prefill_tokens_saved += n * self.block_tokens
+        # Promotion reads the same DRAM blocks the load is reading; the copy engine's leases keep
+        # each block alive until every transfer that reads it is done.
         self._promote_dram(match.keys[:n], tiers, blocks)
         return handle
 

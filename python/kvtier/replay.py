@@ -136,6 +136,7 @@ class PolicyRunner:
         if self.cache is not None:
             match = self.cache.match(ctx, max_blocks=(len(ctx) - 1) // BLOCK_TOKENS)
             handle = self.cache.load(match, self.kvc.registration, np.arange(match.hit_blocks))
+            handle.wait()
             hit = handle.total_blocks
             self.kvc.set_seq_length(hit * BLOCK_TOKENS)
         ids = torch.from_numpy(ctx).unsqueeze(0)
