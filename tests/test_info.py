@@ -10,7 +10,8 @@ from kvtier import _core, errors
 
 BUILD_KEYS = {
     "compiler": str, "build_type": str, "cuda": bool, "cuda_why": str, "cuda_architectures": str,
-    "io_uring": bool, "io_uring_why": str, "ucx": bool, "ucx_why": str, "nontemporal_copy": str,
+    "io_uring": bool, "io_uring_why": str, "ucx": bool, "ucx_why": str, "gds": bool, "gds_why": str,
+    "nontemporal_copy": str,
     "hardware_threads": int,
 }
 
@@ -24,7 +25,7 @@ def test_build_info_keys_and_types() -> None:
     assert info["nontemporal_copy"] in {"avx512", "avx2", "memcpy"}
     assert info["hardware_threads"] >= 1
     assert info["compiler"].split()[0] in {"gcc", "clang"}
-    for feature in ("cuda", "io_uring", "ucx"):
+    for feature in ("cuda", "io_uring", "ucx", "gds"):
         if not info[feature]:
             assert info[f"{feature}_why"], f"{feature} is not compiled in and build_info() says not why"
 

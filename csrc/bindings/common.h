@@ -43,6 +43,7 @@ inline std::span<const BlockKey> Keys(const KeyArray& a) {
 
 // Optional parts register their classes through these (a stub does nothing when not built).
 void BindNvme(nb::module_& m);
+void BindGds(nb::module_& m);  // probe_gds, HAVE_GDS, GdsFile; adds gds keys to build_info
 void BindIndex(nb::module_& m);
 
 }  // namespace kvtier::bind

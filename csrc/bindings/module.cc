@@ -318,6 +318,7 @@ NB_MODULE(_core, m) {
       "dst"_a, "src"_a, "threads"_a = 1, "Seconds for a plain memcpy of src into dst over `threads` threads.");
 
   BindNvme(m);
+  BindGds(m);
   BindIndex(m);
   cuda::InstallHostPinner();
 }

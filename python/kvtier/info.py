@@ -14,6 +14,7 @@ def info() -> dict[str, Any]:
     cuda = _core.probe_cuda()
     uring = _core.probe_uring()
     ucx = _core.probe_ucx()
+    gds = _core.probe_gds()  # cached; bounded by its deadline (5 s) even where cuFileDriverOpen hangs
     return {
         "version": kvtier.__version__,
         "python": platform.python_version(),
@@ -23,6 +24,7 @@ def info() -> dict[str, Any]:
         "cuda": cuda,
         "io_uring": uring,
         "ucx": ucx,
+        "gds": gds,
     }
 
 
@@ -52,4 +54,6 @@ def render(data: dict[str, Any]) -> None:
     x = data["ucx"]
     ucx_detail = f"{x['detail']}; transports: {', '.join(x['items'])}" if x["usable"] else (x["reason"] or x["detail"])
     t.add_row("ucx", yes(x["compiled"]), yes(x["usable"]), ucx_detail)
+    g = data["gds"]
+    t.add_row("gds (cuFile)", yes(g["compiled"]), yes(g["usable"]), g["detail"] if g["usable"] else g["reason"])
     Console().print(t)
