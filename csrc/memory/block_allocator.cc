@@ -24,6 +24,15 @@ std::vector<std::pair<int32_t, uint32_t>> CountIds(std::span<const int32_t> ids)
 
 }  // namespace
 
+std::optional<int32_t> FindRepeatedId(std::span<const int32_t> ids) {
+  if (ids.size() < 2) return std::nullopt;
+  std::vector<int32_t> sorted(ids.begin(), ids.end());
+  std::sort(sorted.begin(), sorted.end());
+  auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+  if (dup == sorted.end()) return std::nullopt;
+  return *dup;
+}
+
 BlockAllocator::BlockAllocator(uint32_t num_blocks)
     : num_blocks_(num_blocks), refcount_(num_blocks, 0), pins_(num_blocks, 0), leases_(num_blocks, 0) {
   free_list_.reserve(num_blocks);

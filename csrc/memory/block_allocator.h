@@ -14,12 +14,16 @@
 
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <vector>
 
 #include "common/status.h"
 
 namespace kvtier {
+
+// An id that occurs more than once in ids (the smallest such), if any. O(n log n).
+std::optional<int32_t> FindRepeatedId(std::span<const int32_t> ids);
 
 struct AllocatorStats {
   uint64_t num_blocks = 0;

@@ -576,29 +576,42 @@ void NvmeTier::Finalize(Request& req) {
 
 // ---------------------------------------------------------------- API
 
-Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey> keys, std::span<const int32_t> pool_ids) {
+Status NvmeTier::CheckBatch(std::span<const BlockKey> keys, std::span<const int32_t> pool_ids) const {
   if (keys.size() != pool_ids.size()) {
     return InvalidArgument("keys and pool ids differ in length (" + std::to_string(keys.size()) + " vs " +
                            std::to_string(pool_ids.size()) + ")");
   }
-  auto state = std::make_shared<TransferState>(keys.size(), keys.size() * options_.block_bytes);
-  if (keys.empty()) {
-    state->Complete(Status::Ok());
-    return state;
-  }
-  KVTIER_RETURN_IF_ERROR(staging_.Acquire(pool_ids, /*write=*/false));
-  auto req = std::make_unique<Request>();
+  return Status::Ok();
+}
+
+std::unique_ptr<NvmeTier::Request> NvmeTier::NewRequest(bool is_write, std::span<const BlockKey> keys,
+                                                        std::span<const int32_t> pool_ids,
+                                                        std::shared_ptr<TransferState> state) const {
   const size_t n = keys.size();
-  req->is_write = true;
+  auto req = std::make_unique<Request>();
+  req->is_write = is_write;
   req->keys.assign(keys.begin(), keys.end());
   req->pool_ids.assign(pool_ids.begin(), pool_ids.end());
   req->slots.assign(n, 0);
   req->checksums.assign(n, 0);
   req->generations.assign(n, 0);
   req->chunks_left.assign(n, 0);
-  req->ok.assign(n, 1);
+  req->ok.assign(n, is_write ? 1 : 0);  // writes: ok until an I/O fails; reads: ok once verified
   req->active.assign(n, 0);
-  req->state = state;
+  req->state = std::move(state);
+  return req;
+}
+
+Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey> keys, std::span<const int32_t> pool_ids) {
+  KVTIER_RETURN_IF_ERROR(CheckBatch(keys, pool_ids));
+  auto state = std::make_shared<TransferState>(keys.size(), keys.size() * options_.block_bytes);
+  if (keys.empty()) {
+    state->Complete(Status::Ok());
+    return state;
+  }
+  KVTIER_RETURN_IF_ERROR(staging_.Acquire(pool_ids, /*write=*/false));
+  auto req = NewRequest(/*is_write=*/true, keys, pool_ids, state);
+  const size_t n = keys.size();
   // Claim slots for keys not stored yet (all or nothing), under the index lock.
   std::vector<uint32_t> fresh;
   {
@@ -682,35 +695,18 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey>
 }
 
 Result<std::shared_ptr<TransferState>> NvmeTier::Read(std::span<const BlockKey> keys, std::span<const int32_t> pool_ids) {
-  if (keys.size() != pool_ids.size()) {
-    return InvalidArgument("keys and pool ids differ in length (" + std::to_string(keys.size()) + " vs " +
-                           std::to_string(pool_ids.size()) + ")");
-  }
+  KVTIER_RETURN_IF_ERROR(CheckBatch(keys, pool_ids));
   auto state = std::make_shared<TransferState>(keys.size(), keys.size() * options_.block_bytes);
   if (keys.empty()) {
     state->Complete(Status::Ok());
     return state;
   }
-  if (pool_ids.size() > 1) {
-    std::vector<int32_t> sorted(pool_ids.begin(), pool_ids.end());
-    std::sort(sorted.begin(), sorted.end());
-    if (auto d = std::adjacent_find(sorted.begin(), sorted.end()); d != sorted.end()) {
-      return InvalidArgument("target block " + std::to_string(*d) + " appears more than once in one batch");
-    }
+  if (auto d = FindRepeatedId(pool_ids)) {
+    return InvalidArgument("target block " + std::to_string(*d) + " appears more than once in one batch");
   }
   KVTIER_RETURN_IF_ERROR(staging_.Acquire(pool_ids, /*write=*/true));
+  auto req = NewRequest(/*is_write=*/false, keys, pool_ids, state);
   const size_t n = keys.size();
-  auto req = std::make_unique<Request>();
-  req->is_write = false;
-  req->keys.assign(keys.begin(), keys.end());
-  req->pool_ids.assign(pool_ids.begin(), pool_ids.end());
-  req->slots.assign(n, 0);
-  req->checksums.assign(n, 0);
-  req->generations.assign(n, 0);
-  req->chunks_left.assign(n, 0);
-  req->ok.assign(n, 0);
-  req->active.assign(n, 0);
-  req->state = state;
   uint32_t hits = 0;
   {
     std::lock_guard<std::mutex> lock(index_mu_);

@@ -129,6 +129,9 @@ class NvmeTier {
   };
 
   NvmeTier(const NvmeTierOptions& options, HostPool& staging);
+  Status CheckBatch(std::span<const BlockKey> keys, std::span<const int32_t> pool_ids) const;
+  std::unique_ptr<Request> NewRequest(bool is_write, std::span<const BlockKey> keys,
+                                      std::span<const int32_t> pool_ids, std::shared_ptr<TransferState> state) const;
   Status Init();
   Status Recover();
   void CompletionLoop();

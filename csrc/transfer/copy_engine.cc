@@ -91,13 +91,8 @@ Result<std::shared_ptr<TransferState>> CopyEngine::Submit(BlockSpace& src, std::
   }
   if (src.is_closed()) return ClosedError("the source " + src.kind() + " was closed");
   if (dst.is_closed()) return ClosedError("the target " + dst.kind() + " was closed");
-  if (dst_ids.size() > 1) {
-    std::vector<int32_t> sorted(dst_ids.begin(), dst_ids.end());
-    std::sort(sorted.begin(), sorted.end());
-    auto dup = std::adjacent_find(sorted.begin(), sorted.end());
-    if (dup != sorted.end()) {
-      return InvalidArgument("target block " + std::to_string(*dup) + " appears more than once in one batch");
-    }
+  if (auto dup = FindRepeatedId(dst_ids)) {
+    return InvalidArgument("target block " + std::to_string(*dup) + " appears more than once in one batch");
   }
   if (&src == &dst && !dst_ids.empty()) {
     std::vector<int32_t> targets(dst_ids.begin(), dst_ids.end());

@@ -52,8 +52,8 @@ def build_default_model(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
@@ -268,8 +268,8 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     if model_dir is None:
         cache_dir = Path(os.environ.get("KVTIER_CACHE_DIR", Path.home() / ".cache" / "kvtier"))
         cache_dir.mkdir(parents=True, exist_ok=True)
-        model_path = build_default_model(cache_dir / "tiny-llama-v1", seed=0)
-        model_name = "built-in tiny-llama-v1 (4 layers, hidden 256, 2 kv heads, random weights)"
+        model_path = build_default_model(cache_dir / "small-llama-v2", seed=0)
+        model_name = "built-in small-llama-v2 (6 layers, hidden 512, 8 heads, 2 kv heads, random weights)"
     else:
         model_path = Path(model_dir)
         model_name = str(model_path)

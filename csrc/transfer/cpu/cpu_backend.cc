@@ -8,7 +8,7 @@
 namespace kvtier {
 namespace {
 constexpr uint64_t kPrefetchBytes = 8192;
-constexpr uint64_t kPrefetchRuns = 2;
+constexpr uint64_t kPrefetchRuns = 4;
 
 int DefaultThreads() {
   unsigned n = std::thread::hardware_concurrency();
