@@ -11,7 +11,7 @@
 namespace kvtier {
 
 struct CpuBackendOptions {
-  int threads = 0;                                         // 0: one per core
+  int threads = 0;                                         // 0: two per core (see DefaultThreads)
   uint64_t nontemporal_threshold_bytes = uint64_t{8} << 20;  // batches at least this big stream
   uint64_t inline_threshold_bytes = uint64_t{64} << 10;    // smaller batches copy on the caller
   uint64_t min_chunk_bytes = uint64_t{512} << 10;          // do not split work finer than this
