@@ -69,3 +69,24 @@ def test_bad_arguments_exit_2() -> None:
     out = run_cli("bench", "copy", "--size-mib", "-3")
     assert out.returncode == 2
     assert "positive integer" in out.stderr
+
+
+def test_bench_nvme_json_shape(tmp_path) -> None:
+    """A tiny run; fio and NIXL may be missing here (they are then reported, not dropped)."""
+    from kvtier import _core
+
+    if not getattr(_core, "HAVE_NVME", False):
+        pytest.skip("kvtier built without io_uring")
+    path = tmp_path / "nvme.json"
+    rc = main(["bench", "nvme", "--size-mib", "4", "--reps", "1", "--cases", "192KiB read", "--dir",
+               str(tmp_path / "d"), "--no-progress", "--json", str(path)])
+    assert rc == 0
+    report = json.loads(path.read_text())
+    assert report["suite"] == "nvme"
+    (r,) = report["results"]
+    assert r["kvtier"]["verified"] is True and r["kvtier_gbps"] > 0
+    for peer in ("fio", "nixl"):
+        p = r["peers"][peer]
+        assert ("gbps" in p) or p["missing"]  # measured, or missing with a reason
+    if r["anchor_gbps"] is not None:
+        assert r["ratio"] == pytest.approx(r["kvtier_gbps"] / r["anchor_gbps"], rel=0.01)

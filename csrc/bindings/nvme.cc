@@ -7,6 +7,21 @@
 #include "memory/nvme_tier.h"
 
 namespace kvtier::bind {
+namespace {
+
+// Write and Read share one shape: convert, release the GIL (checksums, submission), unwrap.
+template <Result<std::shared_ptr<TransferState>> (NvmeTier::*Op)(std::span<const BlockKey>, std::span<const int32_t>)>
+std::shared_ptr<TransferState> Submit(NvmeTier& t, KeyArray keys, IdArray ids) {
+  auto k = Keys(keys);
+  auto i = Ids(ids);
+  Result<std::shared_ptr<TransferState>> r = [&] {
+    nb::gil_scoped_release nogil;
+    return (t.*Op)(k, i);
+  }();
+  return Unwrap(std::move(r));
+}
+
+}  // namespace
 
 void BindNvme(nb::module_& m) {
   using namespace nb::literals;
@@ -32,30 +47,8 @@ void BindNvme(nb::module_& m) {
           },
           "directory"_a, "staging"_a, "num_slots"_a, "queue_depth"_a = 64, "max_io_bytes"_a = uint64_t{4} << 20,
           "durable"_a = true, "allow_buffered_io"_a = false, nb::keep_alive<0, 2>())
-      .def(
-          "write",
-          [](NvmeTier& t, KeyArray keys, IdArray ids) {
-            auto k = Keys(keys);
-            auto i = Ids(ids);
-            Result<std::shared_ptr<TransferState>> r = [&] {
-              nb::gil_scoped_release nogil;
-              return t.Write(k, i);
-            }();
-            return Unwrap(std::move(r));
-          },
-          "keys"_a, "pool_ids"_a)
-      .def(
-          "read",
-          [](NvmeTier& t, KeyArray keys, IdArray ids) {
-            auto k = Keys(keys);
-            auto i = Ids(ids);
-            Result<std::shared_ptr<TransferState>> r = [&] {
-              nb::gil_scoped_release nogil;
-              return t.Read(k, i);
-            }();
-            return Unwrap(std::move(r));
-          },
-          "keys"_a, "pool_ids"_a)
+      .def("write", &Submit<&NvmeTier::Write>, "keys"_a, "pool_ids"_a)
+      .def("read", &Submit<&NvmeTier::Read>, "keys"_a, "pool_ids"_a)
       .def("contains",
            [](const NvmeTier& t, KeyArray keys) {
              auto k = Keys(keys);

@@ -17,13 +17,18 @@ from kvtier.nvme import NvmeTier, as_block_keys
 from kvtier.transfer import CopyEngine
 
 
-def kv_to_nvme(engine: CopyEngine, kv: KVRegistration, kv_ids: Any, tier: NvmeTier, keys: Any,
-               timeout: float | None = None) -> None:
-    """Store registered KV blocks ``kv_ids[i]`` on NVMe under ``keys[i]`` (gather, then write)."""
+def _batch(kv_ids: Any, keys: Any) -> tuple[np.ndarray, np.ndarray]:
     ids = as_block_ids(kv_ids, "kv ids")
     k = as_block_keys(keys)
     if len(ids) != len(k):
         raise InvalidArgumentError(f"{len(ids)} kv ids but {len(k)} keys")
+    return ids, k
+
+
+def kv_to_nvme(engine: CopyEngine, kv: KVRegistration, kv_ids: Any, tier: NvmeTier, keys: Any,
+               timeout: float | None = None) -> None:
+    """Store registered KV blocks ``kv_ids[i]`` on NVMe under ``keys[i]`` (gather, then write)."""
+    ids, k = _batch(kv_ids, keys)
     staging = tier.staging.allocate(len(ids))
     try:
         engine.gather(kv, ids, tier.staging, staging).wait(timeout)
@@ -39,10 +44,7 @@ def nvme_to_kv(engine: CopyEngine, tier: NvmeTier, keys: Any, kv: KVRegistration
     Returns the per-block hit mask; blocks that missed (absent, or failed their checksum) are
     left untouched in ``kv``.
     """
-    ids = as_block_ids(kv_ids, "kv ids")
-    k = as_block_keys(keys)
-    if len(ids) != len(k):
-        raise InvalidArgumentError(f"{len(k)} keys but {len(ids)} kv ids")
+    ids, k = _batch(kv_ids, keys)
     staging = tier.staging.allocate(len(ids))
     try:
         h = tier.read(k, staging)

@@ -4,8 +4,9 @@ For every case (sequential write, sequential read, random read; a Llama-3-8B-siz
 and a Qwen2-0.5B-sized 192 KiB block) the same number of blocks of the same size moves between
 DRAM and a file on the same file system three ways: kvtier's NVMe tier, fio (io_uring, O_DIRECT,
 at kvtier's queue depth; its best io_uring variant), and NIXL's POSIX backend (one batched
-transfer on an O_DIRECT descriptor). Each is repeated; medians are compared. The anchor is the
-better of fio and NIXL; a peer that cannot run is reported as missing, never dropped silently.
+transfer on an O_DIRECT descriptor). The three take turns, one repetition each per round, and
+medians over the rounds are compared. The anchor is the better of fio and NIXL; a peer that
+cannot run is reported as missing, never dropped silently.
 """
 
 from __future__ import annotations
@@ -43,53 +44,70 @@ CASES = [
 ]
 
 
-def _kvtier_case(directory: str, case: NvmeCase, num_blocks: int, reps: int, queue_depth: int,
-                 max_io_bytes: int, rng: np.random.Generator) -> dict[str, Any]:
-    """kvtier's figure for one case, in the tier's steady state.
+class _KvtierCase:
+    """kvtier's side of one case, in the tier's steady state, one timed repetition at a time.
 
     The tier is created once and written once untimed (fio and NIXL also lay their file out
     before timing: the first write into freshly allocated extents also pays for the file
-    system's extent conversion). Timed writes then store new keys into the slots the previous
-    keys were evicted from; timed reads read every block back (in order or in a random
-    permutation) and check each against the bytes written.
+    system's extent conversion). A timed write stores new keys into the slots the previous keys
+    were evicted from; a timed read reads every block back (in order or in a random
+    permutation) and checks each against the bytes written.
     """
-    shutil.rmtree(directory, ignore_errors=True)
-    pool = kvtier.HostPool(case.block_bytes, num_blocks=num_blocks)
-    ids = pool.allocate(num_blocks)
-    pool.view()[:] = rng.integers(0, 256, size=(num_blocks, case.block_bytes), dtype=np.uint8)
-    expected = pool.view().copy()
-    tier = kvtier.NvmeTier(directory, pool, num_slots=num_blocks, queue_depth=queue_depth,
-                           max_io_bytes=max_io_bytes)
-    keys = np.arange(1, num_blocks + 1)
-    tier.write(keys, ids).wait()  # lay the file out
-    samples = []
-    verified = True
-    for rep in range(reps):
-        if case.mode == "write":
-            tier.evict(keys)
-            keys = keys + num_blocks
-            h = tier.write(keys, ids)
+
+    def __init__(self, directory: str, case: NvmeCase, num_blocks: int, queue_depth: int, max_io_bytes: int,
+                 rng: np.random.Generator) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+        self.directory, self.case, self.n, self.rng = directory, case, num_blocks, rng
+        self.pool = kvtier.HostPool(case.block_bytes, num_blocks=num_blocks)
+        self.ids = self.pool.allocate(num_blocks)
+        self.pool.view()[:] = rng.integers(0, 256, size=(num_blocks, case.block_bytes), dtype=np.uint8)
+        self.expected = self.pool.view().copy()
+        self.tier = kvtier.NvmeTier(directory, self.pool, num_slots=num_blocks, queue_depth=queue_depth,
+                                    max_io_bytes=max_io_bytes)
+        self.keys = np.arange(1, num_blocks + 1)
+        self.tier.write(self.keys, self.ids).wait()  # lay the file out
+        self.samples: list[float] = []
+        self.verified = True
+
+    def rep(self) -> None:
+        if self.case.mode == "write":
+            self.tier.evict(self.keys)
+            self.keys = self.keys + self.n
+            h = self.tier.write(self.keys, self.ids)
             h.wait()
         else:
-            order = rng.permutation(num_blocks) if case.mode == "randread" else np.arange(num_blocks)
-            pool.view()[:] = 0
-            h = tier.read(keys[order], ids[order])
+            order = self.rng.permutation(self.n) if self.case.mode == "randread" else np.arange(self.n)
+            self.pool.view()[:] = 0
+            h = self.tier.read(self.keys[order], self.ids[order])
             h.wait()
-            verified &= bool(h.block_ok.all()) and np.array_equal(pool.view(), expected)
-        samples.append(h.latency_s)
-    if case.mode == "write":  # read the last write back
-        pool.view()[:] = 0
-        h = tier.read(keys, ids)
-        h.wait()
-        verified &= bool(h.block_ok.all()) and np.array_equal(pool.view(), expected)
-    io_mode = tier.io_mode
-    stats = tier.stats()
-    tier.close()
-    shutil.rmtree(directory, ignore_errors=True)
-    nbytes = num_blocks * case.block_bytes
-    med = statistics.median(samples)
-    return {"gbps": nbytes / med / 1e9, "iops": num_blocks / med, "samples_s": samples,
-            "io_mode": io_mode, "verified": verified, "durable": True, "fsyncs": stats["fsyncs"]}
+            self.verified &= bool(h.block_ok.all()) and np.array_equal(self.pool.view(), self.expected)
+        self.samples.append(h.latency_s)
+
+    def finish(self) -> dict[str, Any]:
+        if self.case.mode == "write":  # read the last write back
+            self.pool.view()[:] = 0
+            h = self.tier.read(self.keys, self.ids)
+            h.wait()
+            self.verified &= bool(h.block_ok.all()) and np.array_equal(self.pool.view(), self.expected)
+        io_mode = self.tier.io_mode
+        fsyncs = self.tier.stats()["fsyncs"]
+        self.tier.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        med = statistics.median(self.samples)
+        return {"gbps": self.n * self.case.block_bytes / med / 1e9, "iops": self.n / med,
+                "samples_s": self.samples, "io_mode": io_mode, "verified": self.verified,
+                "durable": True, "fsyncs": fsyncs}
+
+
+def _merge_peer(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One peer's rounds: the median of its per-round figures, and every round kept."""
+    ok = [r for r in runs if "gbps" in r]
+    if not ok:
+        return runs[-1]
+    out = dict(ok[-1])
+    out["gbps"] = statistics.median(r["gbps"] for r in ok)
+    out["rounds_gbps"] = [r["gbps"] for r in ok]
+    return out
 
 
 def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_depth: int = 64,
@@ -111,33 +129,38 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
-        task = bar.add_task("bench nvme", total=len(selected) * 3)
+        task = bar.add_task("bench nvme", total=len(selected) * reps)
         for case in selected:
             n = max(1, (size_mib << 20) // case.block_bytes)
-            bar.update(task, description=f"bench nvme: {case.name} (kvtier)")
-            kv = _kvtier_case(os.path.join(base, "kvtier"), case, n, reps, queue_depth, max_io_bytes, rng)
-            bar.advance(task)
-            peers: dict[str, Any] = {}
-            bar.update(task, description=f"bench nvme: {case.name} (fio)")
-            if fio_missing:
-                peers["fio"] = {"missing": fio_missing}
-            else:
-                try:
-                    peers["fio"] = nvme_anchors.run_fio(os.path.join(base, "fio.dat"), case.block_bytes, n,
-                                                        queue_depth, case.mode, repeat=reps)
-                except Exception as e:  # a failing peer is reported, not hidden
-                    peers["fio"] = {"missing": f"fio failed: {e}"}
-            bar.advance(task)
-            bar.update(task, description=f"bench nvme: {case.name} (NIXL)")
-            if nixl_missing:
-                peers["nixl"] = {"missing": nixl_missing}
-            else:
-                try:
-                    peers["nixl"] = nvme_anchors.run_nixl_posix(os.path.join(base, "nixl.dat"), case.block_bytes,
-                                                                n, case.mode, repeat=reps, python_exe=nixl_python)
-                except Exception as e:
-                    peers["nixl"] = {"missing": f"NIXL failed: {e}"}
-            bar.advance(task)
+            # Rounds: kvtier, fio, NIXL one repetition each, in turn, so the disk's state (host
+            # write-back, other tenants) changes under all three alike.
+            kv_case = _KvtierCase(os.path.join(base, "kvtier"), case, n, queue_depth, max_io_bytes, rng)
+            fio_runs: list[dict[str, Any]] = []
+            nixl_runs: list[dict[str, Any]] = []
+            for _ in range(reps):
+                bar.update(task, description=f"bench nvme: {case.name} (kvtier)")
+                kv_case.rep()
+                bar.update(task, description=f"bench nvme: {case.name} (fio)")
+                if fio_missing:
+                    fio_runs.append({"missing": fio_missing})
+                else:
+                    try:
+                        fio_runs.append(nvme_anchors.run_fio(os.path.join(base, "fio.dat"), case.block_bytes, n,
+                                                             queue_depth, case.mode, repeat=1))
+                    except Exception as e:  # a failing peer is reported, not hidden
+                        fio_runs.append({"missing": f"fio failed: {e}"})
+                bar.update(task, description=f"bench nvme: {case.name} (NIXL)")
+                if nixl_missing:
+                    nixl_runs.append({"missing": nixl_missing})
+                else:
+                    try:
+                        nixl_runs.append(nvme_anchors.run_nixl_posix(os.path.join(base, "nixl.dat"), case.block_bytes,
+                                                                     n, case.mode, repeat=1, python_exe=nixl_python))
+                    except Exception as e:
+                        nixl_runs.append({"missing": f"NIXL failed: {e}"})
+                bar.advance(task)
+            kv = kv_case.finish()
+            peers: dict[str, Any] = {"fio": _merge_peer(fio_runs), "nixl": _merge_peer(nixl_runs)}
             for f in ("fio.dat", "nixl.dat"):
                 try:
                     os.remove(os.path.join(base, f))
