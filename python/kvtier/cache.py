@@ -328,7 +328,7 @@ class TieredCache:
             h.wait()
             self.metrics.record_transfer("engine", "device", h.bytes, h.latency_s)
             self.index.insert(k, DEVICE, dev_ids)
-        stored = len(keys) - int(self.index.contains(keys).size - self.index.contains(keys).sum())
+        stored = int(self.index.contains(keys).sum())  # those of the new keys that made it in
         self.metrics.stored_blocks += stored
         return stored
 

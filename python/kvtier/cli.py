@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.write_workload:
                 from kvtier import workload as wl
 
-                wl.dump(wl.default_workload(2048, seed=args.seed, traces=args.traces), args.write_workload)
+                vocab = 2048  # the built-in model's
+                if args.model:
+                    from transformers import AutoConfig
+
+                    vocab = int(AutoConfig.from_pretrained(args.model, local_files_only=True).vocab_size)
+                wl.dump(wl.default_workload(vocab, seed=args.seed, traces=args.traces), args.write_workload)
                 print(f"wrote {args.write_workload}")
                 return 0
             replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
