@@ -8,6 +8,7 @@
 
 #include "bindings/common.h"
 #include "build_config.h"
+#include "bindings/gds_probe_dict.h"
 #include "transfer/gds/gds.h"
 
 namespace kvtier::bind {
@@ -15,20 +16,6 @@ namespace {
 
 using namespace nb::literals;
 
-nb::dict ProbeDict(const gds::GdsProbe& p) {
-  nb::dict d;
-  d["compiled"] = p.compiled;
-  d["usable"] = p.usable;
-  d["detail"] = p.detail;
-  d["reason"] = p.reason;
-  d["library"] = p.library;
-  d["cufile_version"] = p.cufile_version;
-  d["compat_mode"] = p.compat_mode;
-  d["batch_io"] = p.batch_io;
-  d["max_batch_io"] = p.max_batch_io;
-  d["elapsed_s"] = p.elapsed_s;
-  return d;
-}
 
 // build_info() is defined in module.cc; the gds keys are added here so that module.cc only needs
 // to call BindGds (the previous function is kept and called).
@@ -81,7 +68,7 @@ void BindGds(nb::module_& m) {
       nb::gil_scoped_release nogil;  // the first call spawns the probe child (bounded by its deadline)
       p = &gds::Probe();
     }
-    return ProbeDict(*p);
+    return GdsProbeDict(*p);
   }, "GPUDirect Storage: compiled, usable here, detail, reason (cached; never hangs).");
   m.def(
       "_probe_gds_uncached",
@@ -95,7 +82,7 @@ void BindGds(nb::module_& m) {
           nb::gil_scoped_release nogil;
           p = gds::RunProbe(o);
         }
-        return ProbeDict(p);
+        return GdsProbeDict(p);
       },
       "timeout_s"_a = 5.0, "require_gpu"_a = true, "test_hang"_a = false,
       "Run the GDS probe again with explicit options (tests of the deadline).");
