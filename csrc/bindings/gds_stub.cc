@@ -8,10 +8,6 @@
 #include "transfer/gds/gds.h"
 
 namespace kvtier::bind {
-namespace {
-
-
-}  // namespace
 
 void BindGds(nb::module_& m) {
   using namespace nb::literals;
