@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "bindings/common.h"
-#include "build_config.h"
 #include "bindings/gds_probe_dict.h"
 #include "transfer/gds/gds.h"
 
@@ -16,19 +15,6 @@ namespace {
 
 using namespace nb::literals;
 
-
-// build_info() is defined in module.cc; the gds keys are added here so that module.cc only needs
-// to call BindGds (the previous function is kept and called).
-void ExtendBuildInfo(nb::module_& m) {
-  nb::object base = m.attr("build_info");
-  nb::delattr(m, "build_info");
-  m.def("build_info", [base]() {
-    nb::dict d = nb::borrow<nb::dict>(base());
-    d["gds"] = std::string(KVTIER_BUILD_GDS) == "ON";
-    d["gds_why"] = std::string(KVTIER_BUILD_GDS_WHY);
-    return d;
-  });
-}
 
 // I/O lists as an [n, 3] uint64 array: device pointer, file offset in bytes, length in bytes.
 using IoArray = nb::ndarray<const uint64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
@@ -58,6 +44,18 @@ struct PyGdsFile {
   }
 };
 
+// Read and Write share one shape: convert, release the GIL for the I/O, raise on failure.
+template <Status (gds::GdsFile::*Op)(std::span<const gds::GdsIo>)>
+void RunIos(PyGdsFile& f, IoArray ios) {
+  auto v = Ios(ios);
+  Status st;
+  {
+    nb::gil_scoped_release nogil;
+    st = (f.file.get()->*Op)(v);
+  }
+  ThrowIfError(st);
+}
+
 }  // namespace
 
 void BindGds(nb::module_& m) {
@@ -86,7 +84,6 @@ void BindGds(nb::module_& m) {
       },
       "timeout_s"_a = 5.0, "require_gpu"_a = true, "test_hang"_a = false,
       "Run the GDS probe again with explicit options (tests of the deadline).");
-  ExtendBuildInfo(m);
 
   nb::class_<PyGdsFile>(m, "GdsFile")
       .def_static(
@@ -125,30 +122,10 @@ void BindGds(nb::module_& m) {
             f.buffers.erase(reinterpret_cast<uintptr_t>(a.data()));
           },
           "tensor"_a)
-      .def(
-          "read",
-          [](PyGdsFile& f, IoArray ios) {
-            auto v = Ios(ios);
-            Status st;
-            {
-              nb::gil_scoped_release nogil;
-              st = f.file->Read(v);
-            }
-            ThrowIfError(st);
-          },
-          "ios"_a, "Read [n, 3] uint64 (device pointer, file offset, length) I/Os; returns when all completed.")
-      .def(
-          "write",
-          [](PyGdsFile& f, IoArray ios) {
-            auto v = Ios(ios);
-            Status st;
-            {
-              nb::gil_scoped_release nogil;
-              st = f.file->Write(v);
-            }
-            ThrowIfError(st);
-          },
-          "ios"_a, "Write [n, 3] uint64 (device pointer, file offset, length) I/Os; returns when all completed.")
+      .def("read", &RunIos<&gds::GdsFile::Read>, "ios"_a,
+           "Read [n, 3] uint64 (device pointer, file offset, length) I/Os; returns when all completed.")
+      .def("write", &RunIos<&gds::GdsFile::Write>, "ios"_a,
+           "Write [n, 3] uint64 (device pointer, file offset, length) I/Os; returns when all completed.")
       .def("sync",
            [](PyGdsFile& f) {
              Status st;

@@ -3,7 +3,6 @@
 #include <nanobind/stl/string.h>
 
 #include "bindings/common.h"
-#include "build_config.h"
 #include "bindings/gds_probe_dict.h"
 #include "transfer/gds/gds.h"
 
@@ -16,15 +15,6 @@ void BindGds(nb::module_& m) {
   m.def(
       "_probe_gds_uncached", [](double, bool, bool) { return GdsProbeDict(gds::Probe()); }, "timeout_s"_a = 5.0,
       "require_gpu"_a = true, "test_hang"_a = false);
-  // build_info() is defined in module.cc; its gds keys are added here (see bindings/gds.cc).
-  nb::object base = m.attr("build_info");
-  nb::delattr(m, "build_info");
-  m.def("build_info", [base]() {
-    nb::dict d = nb::borrow<nb::dict>(base());
-    d["gds"] = std::string(KVTIER_BUILD_GDS) == "ON";
-    d["gds_why"] = std::string(KVTIER_BUILD_GDS_WHY);
-    return d;
-  });
 }
 
 }  // namespace kvtier::bind

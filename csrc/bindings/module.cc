@@ -290,6 +290,8 @@ NB_MODULE(_core, m) {
     d["io_uring_why"] = b.uring_why;
     d["ucx"] = b.ucx == "ON";
     d["ucx_why"] = b.ucx_why;
+    d["gds"] = b.gds == "ON";
+    d["gds_why"] = b.gds_why;
     d["nontemporal_copy"] = b.nontemporal_copy;
     d["hardware_threads"] = std::thread::hardware_concurrency();
     return d;

@@ -24,6 +24,8 @@ BuildInfo Build() {
   b.uring_why = KVTIER_BUILD_URING_WHY;
   b.ucx = KVTIER_BUILD_UCX;
   b.ucx_why = KVTIER_BUILD_UCX_WHY;
+  b.gds = KVTIER_BUILD_GDS;
+  b.gds_why = KVTIER_BUILD_GDS_WHY;
   b.nontemporal_copy = NontemporalCopyKind();
   return b;
 }

@@ -28,6 +28,8 @@ struct BuildInfo {
   std::string uring_why;
   std::string ucx;
   std::string ucx_why;
+  std::string gds;
+  std::string gds_why;
   std::string nontemporal_copy;  // avx512 / avx2 / memcpy
 };
 BuildInfo Build();
