@@ -70,16 +70,38 @@ void BindIndex(nb::module_& m) {
       .def("pin", [](BlockIndex& ix, KeyArray keys) { ThrowIfError(ix.Pin(Keys(keys))); })
       .def("unpin", [](BlockIndex& ix, KeyArray keys) { ix.Unpin(Keys(keys)); })
       .def("victims",
-           [](const BlockIndex& ix, uint8_t tier, size_t n) {
+           [](const BlockIndex& ix, uint8_t tier, size_t n, uint32_t shared_refs) {
              uint64_t* keys = new uint64_t[n == 0 ? 2 : 2 * n];
              nb::capsule owner(keys, [](void* q) noexcept { delete[] static_cast<uint64_t*>(q); });
              int32_t* blocks;
              auto b = NewArray<int32_t>(n, &blocks);
-             size_t found = ix.Victims(tier, n, reinterpret_cast<BlockKey*>(keys), blocks);
+             size_t found = ix.Victims(tier, n, reinterpret_cast<BlockKey*>(keys), blocks, shared_refs);
              auto k = nb::ndarray<nb::numpy, uint64_t, nb::ndim<2>>(keys, {found, 2}, owner);
              return nb::make_tuple(k, b, found);
+           },
+           "tier"_a, "n"_a, "shared_refs"_a = 0)
+      .def("count", &BlockIndex::Count)
+      .def("locate",
+           [](const BlockIndex& ix, KeyArray keys) {
+             auto k = Keys(keys);
+             uint8_t* tiers;
+             int32_t* blocks;
+             auto t = NewArray<uint8_t>(k.size(), &tiers);
+             uint32_t* pins;
+             auto b = NewArray<int32_t>(k.size(), &blocks);
+             auto p = NewArray<uint32_t>(k.size(), &pins);
+             ix.Locate(k, tiers, blocks, pins);
+             return nb::make_tuple(t, b, p);
            })
-      .def("count", &BlockIndex::Count);
+      .def("ref", [](BlockIndex& ix, KeyArray keys) { ix.Ref(Keys(keys)); })
+      .def("unref", [](BlockIndex& ix, KeyArray keys) { ThrowIfError(ix.Unref(Keys(keys))); })
+      .def("refs", [](const BlockIndex& ix, KeyArray keys) {
+        auto k = Keys(keys);
+        uint32_t* out;
+        auto a = NewArray<uint32_t>(k.size(), &out);
+        ix.Refs(k, out);
+        return a;
+      });
 }
 
 }  // namespace kvtier::bind

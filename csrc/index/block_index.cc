@@ -95,18 +95,65 @@ void BlockIndex::Unpin(std::span<const BlockKey> keys) {
   }
 }
 
-size_t BlockIndex::Victims(uint8_t tier, size_t n, BlockKey* keys, int32_t* blocks) const {
+size_t BlockIndex::Victims(uint8_t tier, size_t n, BlockKey* keys, int32_t* blocks, uint32_t shared_refs) const {
   if (tier >= kMaxTiers) return 0;
   std::lock_guard<std::mutex> lock(mu_);
+  auto shared = [&](const BlockKey& k) {
+    if (shared_refs == 0) return false;
+    auto r = refs_.find(k);
+    return r != refs_.end() && r->second >= shared_refs;
+  };
   size_t found = 0;
-  for (auto it = lru_[tier].rbegin(); it != lru_[tier].rend() && found < n; ++it) {
-    const Entry& e = map_.find(*it)->second;
-    if (e.pins > 0) continue;
-    keys[found] = *it;
-    blocks[found] = e.block;
-    ++found;
+  // Pass 0 takes unshared keys, pass 1 (only with shared_refs) the shared ones, each oldest first.
+  for (int pass = 0; pass < (shared_refs ? 2 : 1) && found < n; ++pass) {
+    for (auto it = lru_[tier].rbegin(); it != lru_[tier].rend() && found < n; ++it) {
+      const Entry& e = map_.find(*it)->second;
+      if (e.pins > 0 || shared(*it) != (pass == 1)) continue;
+      keys[found] = *it;
+      blocks[found] = e.block;
+      ++found;
+    }
   }
   return found;
+}
+
+void BlockIndex::Locate(std::span<const BlockKey> keys, uint8_t* tiers, int32_t* blocks, uint32_t* pins) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    auto it = map_.find(keys[i]);
+    tiers[i] = it == map_.end() ? kAbsent : it->second.tier;
+    blocks[i] = it == map_.end() ? -1 : it->second.block;
+    pins[i] = it == map_.end() ? 0 : it->second.pins;
+  }
+}
+
+void BlockIndex::Ref(std::span<const BlockKey> keys) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const BlockKey& k : keys) ++refs_[k];
+}
+
+Status BlockIndex::Unref(std::span<const BlockKey> keys) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::unordered_map<BlockKey, uint32_t, BlockKeyHash> need;  // a key may appear more than once
+  for (size_t i = 0; i < keys.size(); ++i) {
+    auto it = refs_.find(keys[i]);
+    if (it == refs_.end() || ++need[keys[i]] > it->second) {
+      return InvalidArgument("key " + std::to_string(i) + " of the batch has no trace reference to drop");
+    }
+  }
+  for (const BlockKey& k : keys) {
+    auto it = refs_.find(k);
+    if (--it->second == 0) refs_.erase(it);
+  }
+  return Status::Ok();
+}
+
+void BlockIndex::Refs(std::span<const BlockKey> keys, uint32_t* out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    auto it = refs_.find(keys[i]);
+    out[i] = it == refs_.end() ? 0 : it->second;
+  }
 }
 
 size_t BlockIndex::Count(uint8_t tier) const {

@@ -32,6 +32,7 @@ from kvtier.keys import hash_blocks
 from kvtier.layout import KVLayout
 from kvtier.memory import HostPool, KVRegistration, as_block_ids
 from kvtier.nvme import NvmeTier
+from kvtier.nvme import as_block_keys as _as_keys
 from kvtier.transfer import CopyEngine, TransferHandle
 
 DEVICE, DRAM, NVME = 0, 1, 2
@@ -47,7 +48,8 @@ class CacheMetrics:
     lookups: int = 0
     stored_blocks: int = 0
     dropped_blocks: int = 0  # evicted from the last tier (or refused by a full/failing one)
-    declined_blocks: int = 0  # not stored: the device tier was full of pinned blocks
+    declined_blocks: int = 0  # not stored: the device tier (and DRAM below it) was full of pinned blocks
+    stored_below_blocks: int = 0  # stored straight into DRAM: the device tier was full of pinned blocks
     nvme_write_errors: int = 0
     bytes_moved: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # "a->b": bytes
     prefill_tokens_saved: int = 0
@@ -66,6 +68,7 @@ class CacheMetrics:
         return {"hits": {t: self.hits.get(t, 0) for t in TIER_NAMES}, "misses": self.misses,
                 "lookups": self.lookups, "stored_blocks": self.stored_blocks,
                 "dropped_blocks": self.dropped_blocks, "declined_blocks": self.declined_blocks,
+                "stored_below_blocks": self.stored_below_blocks,
                 "nvme_write_errors": self.nvme_write_errors, "bytes_moved": dict(self.bytes_moved),
                 "prefill_tokens_saved": self.prefill_tokens_saved, "transfer_latency": lat}
 
@@ -119,11 +122,14 @@ class TieredCache:
         nvme_dir / nvme_bytes: the NVMe tier (both, or neither).
         engine: the copy engine (default: a new one).
         load_chunk_blocks: blocks per load transfer (the granularity ``LoadHandle`` waits on).
+        backend: where the tiers' memory comes from. ``None``: real pools, copy engine and NVMe
+            tier. ``kvtier.sim`` passes a modelled one (no bytes move; transfers take modelled
+            time), so the simulator runs this class's placement code unchanged.
     """
 
     def __init__(self, layout: KVLayout, salt: str, *, device_bytes: int, dram_bytes: int = 0,
                  nvme_dir: str | None = None, nvme_bytes: int = 0, engine: CopyEngine | None = None,
-                 load_chunk_blocks: int = 8) -> None:
+                 load_chunk_blocks: int = 8, backend: Any = None) -> None:
         if not isinstance(layout, KVLayout):
             raise InvalidArgumentError(f"layout must be a kvtier.KVLayout, got {type(layout).__name__}")
         for name, value in (("device_bytes", device_bytes), ("dram_bytes", dram_bytes), ("nvme_bytes", nvme_bytes)):
@@ -141,11 +147,16 @@ class TieredCache:
         self.layout = layout
         self.salt = salt
         self.block_tokens = layout.block_tokens
-        self.engine = engine or CopyEngine()
+        if backend is None:
+            self.engine = engine or CopyEngine()
+            make_pool = lambda capacity, tier: HostPool(layout, capacity_bytes=capacity)  # noqa: E731
+            make_nvme = lambda d, pool, capacity: NvmeTier(d, pool, capacity_bytes=capacity)  # noqa: E731
+        else:
+            self.engine, make_pool, make_nvme = backend.engine, backend.make_pool, backend.make_nvme
         self.index = _core.BlockIndex()
-        self.pools: list[HostPool | None] = [HostPool(layout, capacity_bytes=device_bytes), None]
+        self.pools: list[Any] = [make_pool(device_bytes, DEVICE), None]
         if dram_bytes:
-            self.pools[DRAM] = HostPool(layout, capacity_bytes=dram_bytes)
+            self.pools[DRAM] = make_pool(dram_bytes, DRAM)
         self.nvme: NvmeTier | None = None
         # DRAM blocks never filled with cached data: staging for NVMe reads always has room,
         # even when every cached DRAM block is pinned by running steps.
@@ -155,9 +166,12 @@ class TieredCache:
                 raise InvalidArgumentError("with an NVMe tier, dram_bytes must hold at least 2 blocks")
             self.staging_reserve = max(1, self.pools[DRAM].num_blocks // 8)
             # The NVMe tier's staging blocks come from the DRAM pool itself.
-            self.nvme = NvmeTier(nvme_dir, self.pools[DRAM], capacity_bytes=nvme_bytes)
+            self.nvme = make_nvme(nvme_dir, self.pools[DRAM], nvme_bytes)
         self.load_chunk_blocks = max(1, int(load_chunk_blocks))
         self.metrics = CacheMetrics()
+        # Keys owned by at least this many traces are evicted after all others (0: plain LRU).
+        # kvtier.trace sets it to 2 so that prefixes shared by several traces stay hot.
+        self.shared_refs = 0
 
     # ------------------------------------------------------------------ lookup
 
@@ -166,7 +180,14 @@ class TieredCache:
 
     def match(self, tokens: Sequence[int] | np.ndarray, max_blocks: int | None = None) -> PrefixMatch:
         """Longest cached prefix of ``tokens`` (full blocks only), pinned until :meth:`release`."""
-        keys = self.keys_for(tokens)
+        return self.match_keys(self.keys_for(tokens), max_blocks)
+
+    def match_keys(self, keys: np.ndarray, max_blocks: int | None = None) -> PrefixMatch:
+        """Longest cached prefix of a sequence of block keys, pinned until :meth:`release`.
+
+        The keys need not all be content keys: a trace appends the private key of its partial
+        tail block (``kvtier.trace``)."""
+        keys = _as_keys(keys)
         probe = keys if max_blocks is None else keys[:max_blocks]
         n, tiers, _ = self.index.match_prefix(probe)
         if n:
@@ -282,7 +303,7 @@ class TieredCache:
         if len(pos) == 0:
             return
         dev = self.pools[DEVICE]
-        _, _, evictable = self.index.victims(DEVICE, len(pos))
+        _, _, evictable = self.index.victims(DEVICE, len(pos), self.shared_refs)
         room = min(len(pos), dev.free_blocks + evictable)
         if room == 0:
             return
@@ -303,7 +324,12 @@ class TieredCache:
         ``src_blocks[i]`` holds block ``first_block + i`` of the sequence. Blocks already cached
         are skipped. Returns how many blocks were stored.
         """
-        keys = self.keys_for(tokens)[first_block:]
+        return self.store_keys(self.keys_for(tokens)[first_block:], src, src_blocks)
+
+    def store_keys(self, keys: np.ndarray, src: KVRegistration, src_blocks: Any) -> int:
+        """Cache ``src`` blocks ``src_blocks[i]`` under ``keys[i]`` (extra keys or blocks are
+        ignored; keys already cached are skipped). Returns how many blocks were stored."""
+        keys = _as_keys(keys)
         ids = as_block_ids(src_blocks, "source blocks")
         if len(ids) < len(keys):
             keys = keys[: len(ids)]
@@ -319,15 +345,23 @@ class TieredCache:
         step = max(1, self.pools[DEVICE].num_blocks // 2)
         for start in reversed(range(0, len(keys), step)):
             k, i = keys[start:start + step], ids[start:start + step]
+            tier = DEVICE
             try:
-                dev_ids = self._allocate(DEVICE, len(k))
+                dst_ids = self._allocate(DEVICE, len(k))
             except OutOfCapacityError:
-                self.metrics.declined_blocks += len(k)  # the device tier is pinned full: skip
-                continue
-            h = self.engine.transfer(src, i, self.pools[DEVICE], dev_ids)
+                # The device tier is pinned full: store one tier down when there is one, else skip.
+                try:
+                    if self.pools[DRAM] is None:
+                        raise
+                    tier, dst_ids = DRAM, self._allocate(DRAM, len(k))
+                    self.metrics.stored_below_blocks += len(k)
+                except OutOfCapacityError:
+                    self.metrics.declined_blocks += len(k)
+                    continue
+            h = self.engine.transfer(src, i, self.pools[tier], dst_ids)
             h.wait()
-            self.metrics.record_transfer("engine", "device", h.bytes, h.latency_s)
-            self.index.insert(k, DEVICE, dev_ids)
+            self.metrics.record_transfer("engine", TIER_NAMES[tier], h.bytes, h.latency_s)
+            self.index.insert(k, tier, dst_ids)
         stored = int(self.index.contains(keys).sum())  # those of the new keys that made it in
         self.metrics.stored_blocks += stored
         return stored
@@ -371,10 +405,16 @@ class TieredCache:
     def _demote(self, tier: int, n: int) -> int:
         """Free up to ``n`` blocks of ``tier`` by moving its LRU unpinned blocks one tier down;
         what the tier below cannot take is dropped (recomputed later). Copy, then release."""
-        keys, blocks, found = self.index.victims(tier, n)
-        blocks = blocks[:found]
+        keys, blocks, found = self.index.victims(tier, n, self.shared_refs)
         if found == 0:
             return 0
+        self._move_down(keys[:found], blocks[:found], tier)
+        return found
+
+    def _move_down(self, keys: np.ndarray, blocks: np.ndarray, tier: int) -> int:
+        """Move unpinned ``keys`` (held in ``blocks`` of ``tier``) one tier down, as many as the
+        tier below has room for, and drop the rest; frees ``blocks``. Returns how many moved."""
+        found = len(keys)
         room = self._make_room(tier + 1, found)
         moved = min(found, room)
         if moved:
@@ -398,11 +438,124 @@ class TieredCache:
                     self.index.remove(mk[~ok])
                     self.metrics.dropped_blocks += int((~ok).sum())
                     self.metrics.nvme_write_errors += 1
-        if moved < found:
-            self.index.remove(keys[moved:])
-            self.metrics.dropped_blocks += found - moved
+                    moved = int(ok.sum())
+        if min(found, room) < found:
+            self.index.remove(keys[min(found, room):])
+            self.metrics.dropped_blocks += found - min(found, room)
         self.pools[tier].free(blocks)
-        return found
+        return moved
+
+    # ------------------------------------------------------------------ explicit placement (trace policies)
+
+    def locate(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(tier, pins) of each key without touching LRU order; tier is 255 where not cached."""
+        tiers, _, pins = self.index.locate(_as_keys(keys))
+        return tiers, pins
+
+    def has_tier(self, tier: int) -> bool:
+        return tier == DEVICE or (tier == DRAM and self.pools[DRAM] is not None) or (tier == NVME and self.nvme is not None)
+
+    def tier_fill(self, tier: int) -> float:
+        """Fraction of a tier's blocks in use (cached or staging); 1.0 for a tier that does not exist."""
+        if not self.has_tier(tier):
+            return 1.0
+        if tier == NVME:
+            st = self.nvme.stats()
+            return st["used_slots"] / max(1, st["num_slots"])
+        pool = self.pools[tier]
+        return 1.0 - pool.free_blocks / max(1, pool.num_blocks)
+
+    def tier_free_blocks(self, tier: int) -> int:
+        if not self.has_tier(tier):
+            return 0
+        if tier == NVME:
+            st = self.nvme.stats()
+            return int(st["num_slots"] - st["used_slots"])
+        return max(0, self._free_blocks(tier))
+
+    def demote_keys(self, keys: Any, tier: int) -> int:
+        """Move the cached, unpinned ``keys`` that sit above ``tier`` down to ``tier`` (DRAM or
+        NVMe), copy then release, making room there by LRU demotion. Keys that the tiers below
+        cannot take are dropped. Returns how many keys now sit at ``tier`` or below."""
+        if tier not in (DRAM, NVME) or not self.has_tier(tier):
+            raise InvalidArgumentError(f"cannot demote to tier {tier}: this cache has no such tier")
+        keys = _as_keys(keys)
+        for src in range(tier):
+            where, blocks, pins = self.index.locate(keys)
+            sel = (where == src) & (pins == 0)
+            if sel.any():
+                self._move_down(keys[sel], blocks[sel], src)
+        where, _, _ = self.index.locate(keys)
+        return int(((where >= tier) & (where != 255)).sum())
+
+    def promote_keys(self, keys: Any, tier: int = DEVICE) -> int:
+        """Bring cached ``keys`` up to ``tier`` (a prefetch), head first, as far as room can be
+        made without evicting pinned blocks; the keys are pinned meanwhile so that making room
+        never demotes them. NVMe blocks are read into DRAM, then copied up. A block that fails its
+        checksum is removed (a miss). Returns how many keys sit at ``tier`` afterwards."""
+        keys = _as_keys(keys)
+        where, _, _ = self.index.locate(keys)
+        present = keys[where != 255]
+        if len(present) == 0:
+            return 0
+        self.index.pin(present)
+        try:
+            where, blocks, _ = self.index.locate(present)
+            on_nvme = np.flatnonzero(where == NVME)
+            if len(on_nvme) and tier < NVME:
+                self._nvme_to_dram(present[on_nvme])
+            if tier == DEVICE:
+                where, blocks, _ = self.index.locate(present)
+                pos = np.flatnonzero(where == DRAM)
+                if len(pos):
+                    self._promote_dram(present, where, blocks)
+        finally:
+            self.index.unpin(present)
+        where, _, _ = self.index.locate(keys)
+        return int((where == tier).sum())
+
+    def _nvme_to_dram(self, keys: np.ndarray) -> int:
+        """Read pinned NVMe ``keys`` into DRAM blocks (in staging-sized chunks); corrupt or missing
+        blocks are removed. Returns how many arrived."""
+        arrived = 0
+        step = max(1, self.staging_reserve)
+        for start in range(0, len(keys), step):
+            k = keys[start:start + step]
+            free = self._make_room(DRAM, len(k))
+            if free <= 0:
+                break
+            k = k[:free]
+            ids = self.pools[DRAM].allocate(len(k))
+            h = self.nvme.read(k, ids)
+            h.wait()
+            ok = h.block_ok
+            self.metrics.record_transfer("nvme", "dram", int(ok.sum()) * self.layout.block_bytes, h.latency_s)
+            if not ok.all():
+                self.metrics.misses += int((~ok).sum())
+                self.index.unpin(k[~ok])
+                self.index.remove(k[~ok])
+            if ok.any():
+                self.nvme.evict(k[ok])
+                self.index.relocate(k[ok], DRAM, ids[ok])
+            self.pools[DRAM].free(ids[~ok])
+            arrived += int(ok.sum())
+        return arrived
+
+    def drop_keys(self, keys: Any) -> int:
+        """Remove cached, unpinned ``keys`` from every tier (they will be recomputed); returns how many."""
+        keys = _as_keys(keys)
+        where, blocks, pins = self.index.locate(keys)
+        sel = (where != 255) & (pins == 0)
+        if not sel.any():
+            return 0
+        k, w, b = keys[sel], where[sel], blocks[sel]
+        self.index.remove(k)
+        for tier in (DEVICE, DRAM):
+            if (w == tier).any():
+                self.pools[tier].free(b[w == tier])
+        if (w == NVME).any():
+            self.nvme.evict(k[w == NVME])
+        return int(sel.sum())
 
     # ------------------------------------------------------------------ introspection
 

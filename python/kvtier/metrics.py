@@ -9,6 +9,7 @@ cache's counters at scrape time (no background thread, nothing on the hot path);
 - ``kvtier_cache_lookups_total{cache}``
 - ``kvtier_cache_stored_blocks_total{cache}``, ``kvtier_cache_dropped_blocks_total{cache}``,
   ``kvtier_cache_declined_blocks_total{cache}``
+  ``kvtier_cache_stored_below_blocks_total{cache}``
 - ``kvtier_cache_bytes_moved_total{cache, src, dst}``
 - ``kvtier_cache_prefill_tokens_saved_total{cache}``
 - ``kvtier_cache_blocks{cache, tier}``: blocks held now (gauge)
@@ -41,7 +42,8 @@ def register_cache(cache: Any, registry: Any = None, name: str = "default") -> A
                                    ("lookups", "Prefix lookups"),
                                    ("stored_blocks", "Blocks stored"),
                                    ("dropped_blocks", "Blocks evicted from the last tier or refused by it"),
-                                   ("declined_blocks", "Blocks not stored: device tier pinned full"),
+                                   ("declined_blocks", "Blocks not stored: device and DRAM tiers pinned full"),
+                                   ("stored_below_blocks", "Blocks stored into DRAM: device tier pinned full"),
                                    ("prefill_tokens_saved", "Prefill tokens loaded instead of recomputed")):
                 c = CounterMetricFamily(f"kvtier_cache_{key}", help_text, labels=["cache"])
                 c.add_metric([name], snap[key])

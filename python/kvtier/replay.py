@@ -6,34 +6,31 @@ must be identical; what changes is how much prefill is recomputed and how long t
 Time: a single inference server runs one step at a time. A step's service time is the *measured*
 wall time of its cache lookup, KV load, prefill + decode and store on this machine; tool-call gaps
 and arrivals are virtual (not slept). A trace's JCT is the virtual time from its arrival to the end
-of its last step, so JCT includes queueing behind other traces, as on a real server.
-
-Policies:
-  none        no reuse: every step prefills its whole context.
-  device-lru  reuse within a device-tier budget only (what engines do today).
-  tiered      kvtier's tiers: the same device budget, plus DRAM and NVMe below it, LRU demotion.
+of its last step, so JCT includes queueing behind other traces, as on a real server. The policies
+and the event loop are in :mod:`kvtier.driver` (Note [Virtual time]), shared with ``kvtier simulate``.
 """
 
 from __future__ import annotations
 
-import heapq
 import inspect
 import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import kvtier
+from kvtier import workload as wl
+from kvtier.driver import POLICIES, PolicyReplay, PolicyRunner, check_policies, render_table
 from kvtier.errors import InvalidArgumentError
+from kvtier.trace import calibrate
 from kvtier.workload import Trace
 
-POLICIES = ("none", "device-lru", "tiered")
+__all__ = ["POLICIES", "build_default_model", "load_model", "run"]
 BLOCK_TOKENS = 16
 _CACHE_KW = "past_key_values"  # set to "cache" on transformers releases that renamed it (load_model)
 
@@ -93,161 +90,61 @@ def load_model(model_dir: str | Path) -> Any:
     return model
 
 
-# ---------------------------------------------------------------------------------------- runner
+# ---------------------------------------------------------------------------------------- executor
 
 
-@dataclass
-class StepResult:
-    tokens: list[int]
-    computed: int  # prefill tokens computed
-    total: int  # prefill tokens in the context
-    service_s: float
+class ModelExecutor:
+    """Steps on a real transformers decoder: a :class:`KvtierCache` the cache loads into and
+    stores from, and greedy ``generate``; the stopwatch is wall time."""
 
-
-class PolicyRunner:
-    """Runs steps for one policy: lookup, load, generate, store."""
-
-    def __init__(self, policy: str, model: Any, max_tokens: int, device_budget: int, dram_budget: int,
-                 nvme_dir: str | None, nvme_budget: int) -> None:
+    def __init__(self, model: Any, max_tokens: int) -> None:
         from kvtier.integrations.transformers import KvtierCache
 
-        self.policy = policy
         self.model = model
         self.kvc = KvtierCache(model.config, max_tokens=max_tokens, block_tokens=BLOCK_TOKENS, dtype=model.dtype)
-        layout = self.kvc.layout
-        salt = kvtier.keys.make_salt(str(getattr(model.config, "_name_or_path", "model")), layout, kind="transformers")
-        self.cache: kvtier.TieredCache | None = None
-        if policy == "device-lru":
-            self.cache = kvtier.TieredCache(layout, salt, device_bytes=device_budget)
-        elif policy == "tiered":
-            self.cache = kvtier.TieredCache(layout, salt, device_bytes=device_budget, dram_bytes=dram_budget,
-                                            nvme_dir=nvme_dir, nvme_bytes=nvme_budget if nvme_dir else 0)
-        elif policy != "none":
-            raise InvalidArgumentError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)} or all")
+        self.registration = self.kvc.registration
+        self.layout = self.kvc.layout
 
-    def run_step(self, context: list[int], generate: int) -> StepResult:
+    def reset(self) -> None:
+        self.kvc.reset()
+
+    def set_cached(self, tokens: int) -> None:
+        self.kvc.set_seq_length(tokens)
+
+    def compute(self, ctx: np.ndarray, generate: int, trace_id: str, step: int) -> tuple[list[int], int, float]:
         import torch
 
-        t0 = time.perf_counter()
-        ctx = np.asarray(context, dtype=np.int64)
-        self.kvc.reset()
-        hit = 0
-        match = None
-        if self.cache is not None:
-            match = self.cache.match(ctx, max_blocks=(len(ctx) - 1) // BLOCK_TOKENS)
-            handle = self.cache.load(match, self.kvc.registration, np.arange(match.hit_blocks))
-            handle.wait()
-            hit = handle.total_blocks
-            self.kvc.set_seq_length(hit * BLOCK_TOKENS)
         ids = torch.from_numpy(ctx).unsqueeze(0)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{_CACHE_KW: self.kvc},
                                       max_new_tokens=generate, min_new_tokens=generate, do_sample=False)
-        new = out[0, len(ctx):].tolist()
-        if self.cache is not None:
-            self.cache.release(match)
-            filled = self.kvc.num_blocks_filled()
-            full = np.concatenate([ctx, np.asarray(new, dtype=np.int64)])[: filled * BLOCK_TOKENS]
-            if filled > hit:
-                self.cache.store(full, self.kvc.registration, np.arange(hit, filled), first_block=hit)
-        return StepResult(new, len(ctx) - hit * BLOCK_TOKENS, len(ctx), time.perf_counter() - t0)
+        return out[0, len(ctx):].tolist(), self.kvc.get_seq_length(), 0.0
 
-    def close(self) -> None:
-        if self.cache is not None:
-            self.cache.close()
+    def stopwatch(self) -> float:
+        return time.perf_counter()
+
+    def prefill_s_per_token(self, tokens: int = 256, reps: int = 3) -> float:
+        """Measured prefill time per token of this model on this machine (best of ``reps``)."""
+        import torch
+
+        n = min(tokens, self.kvc.max_tokens - 1)
+        ids = torch.arange(4, 4 + n).remainder(int(self.model.config.vocab_size)).unsqueeze(0)
+        best = float("inf")
+        for _ in range(reps):
+            self.kvc.reset()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                self.model(input_ids=ids, **{_CACHE_KW: self.kvc})
+            best = min(best, time.perf_counter() - t0)
+        self.kvc.reset()
+        return best / n
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
-
-
-class PolicyReplay:
-    """One policy's replay of the workload in virtual time, advanced one step at a time.
-
-    ``run`` advances every policy's replay in turn, one step each, so that noise on a shared
-    machine (other processes, turbo, page cache) lands on all policies alike.
-    """
-
-    def __init__(self, policy: str, model: Any, traces: list[Trace], *, device_budget: int, dram_budget: int,
-                 nvme_dir: str | None, nvme_budget: int) -> None:
-        self.traces = traces
-        self.by_id = {t.trace_id: t for t in traces}
-        max_ctx = max(self._ctx_len(t, len(t.steps) - 1) for t in traces)
-        max_tokens = (max_ctx // BLOCK_TOKENS + 2) * BLOCK_TOKENS
-        self.runner = PolicyRunner(policy, model, max_tokens, device_budget, dram_budget, nvme_dir, nvme_budget)
-        self.contexts: dict[str, list[int]] = {}
-        self.children: dict[tuple[str, int], list[Trace]] = {}
-        for t in traces:
-            if t.fork_of is not None:
-                self.children.setdefault((t.fork_of.trace_id, t.fork_of.after_step), []).append(t)
-        self.tokens: dict[str, list[list[int]]] = {t.trace_id: [] for t in traces}
-        self.ready: list[tuple[float, int, str, int]] = []  # (ready time, seq, trace id, step)
-        self.seq = 0
-        for t in traces:
-            if t.fork_of is None:
-                self._push(t.arrival_s, t.trace_id, 0)
-                self.contexts[t.trace_id] = []
-        self.clock = 0.0
-        self.finish: dict[str, float] = {}
-        self.computed = self.total = 0
-        self.service: list[float] = []
-
-    def _ctx_len(self, t: Trace, upto: int) -> int:
-        base = 0
-        if t.fork_of is not None:
-            base = self._ctx_len(self.by_id[t.fork_of.trace_id], t.fork_of.after_step)
-        return base + sum(len(s.append) + s.generate for s in t.steps[: upto + 1])
-
-    def _push(self, at: float, tid: str, step: int) -> None:
-        heapq.heappush(self.ready, (at, self.seq, tid, step))
-        self.seq += 1
-
-    def step(self) -> bool:
-        """Run the next ready step; False once every trace has finished."""
-        if not self.ready:
-            return False
-        at, _, tid, k = heapq.heappop(self.ready)
-        t = self.by_id[tid]
-        step = t.steps[k]
-        self.clock = max(self.clock, at)
-        ctx = self.contexts[tid]
-        ctx.extend(step.append)
-        r = self.runner.run_step(ctx, step.generate)
-        self.clock += r.service_s
-        self.service.append(r.service_s)
-        self.computed += r.computed
-        self.total += r.total
-        ctx.extend(r.tokens)
-        self.tokens[tid].append(r.tokens)
-        for child in self.children.get((tid, k), []):
-            self.contexts[child.trace_id] = list(ctx)
-            self._push(max(self.clock, child.arrival_s), child.trace_id, 0)
-        if k + 1 < len(t.steps):
-            self._push(self.clock + step.tool_gap_s, tid, k + 1)
-        else:
-            self.finish[tid] = self.clock
-        return True
-
-    def report(self) -> dict[str, Any]:
-        self.runner.close()
-        jct = [self.finish[t.trace_id] - t.arrival_s for t in self.traces]
-        makespan = max(self.finish.values()) - min(t.arrival_s for t in self.traces)
-        out: dict[str, Any] = {
-            "jct_s": {"p50": _percentile(jct, 50), "p99": _percentile(jct, 99), "mean": float(np.mean(jct))},
-            "tasks_per_hour": len(self.traces) / makespan * 3600 if makespan > 0 else 0.0,
-            "prefill_tokens": {"computed": self.computed, "total": self.total},
-            "service_s": {"sum": float(np.sum(self.service)), "p50": _percentile(self.service, 50)},
-            "tokens": self.tokens,
-        }
-        cache = self.runner.cache
-        if cache is not None:
-            snap = cache.metrics.snapshot()
-            out.update(hits=snap["hits"], misses=snap["misses"], bytes_moved=snap["bytes_moved"],
-                       blocks_per_tier=cache.blocks_per_tier(), transfer_latency=snap["transfer_latency"],
-                       dropped_blocks=snap["dropped_blocks"])
-        else:
-            out.update(hits={"device": 0, "dram": 0, "nvme": 0}, misses=0, bytes_moved={})
-        return out
+def _ctx_len(by_id: dict[str, Trace], t: Trace, upto: int) -> int:
+    base = 0
+    if t.fork_of is not None:
+        base = _ctx_len(by_id, by_id[t.fork_of.trace_id], t.fork_of.after_step)
+    return base + sum(len(s.append) + s.generate for s in t.steps[: upto + 1])
 
 
 def run(model_dir: str | None = None, workload: str | None = None, policies: list[str] | None = None,
@@ -256,15 +153,9 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
         seed: int = 0, traces: int = 8, progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    from kvtier import workload as wl
 
     console = Console(stderr=True)
-    chosen = list(POLICIES) if not policies or "all" in policies else policies
-    for p in chosen:
-        if p not in POLICIES:
-            raise InvalidArgumentError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)} or all")
+    chosen = check_policies(policies)
     if model_dir is None:
         cache_dir = Path(os.environ.get("KVTIER_CACHE_DIR", Path.home() / ".cache" / "kvtier"))
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +172,9 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     else:
         trs = wl.load(workload, vocab_size=vocab)
         workload_name = str(workload)
+    by_id = {t.trace_id: t for t in trs}
+    max_ctx = max(_ctx_len(by_id, t, len(t.steps) - 1) for t in trs)
+    max_tokens = (max_ctx // BLOCK_TOKENS + 2) * BLOCK_TOKENS
     # Budgets: by default the device tier holds a tenth of the workload's KV and DRAM a quarter, so reuse
     # depends on what survives below it.
     from kvtier.integrations.transformers import KvtierCache
@@ -294,26 +188,44 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     own_nvme = nvme_dir is None
     nvme_base = nvme_dir or tempfile.mkdtemp(prefix="kvtier-replay-", dir=os.getcwd())
     steps_total = sum(len(t.steps) for t in trs) * len(chosen)
+    salt = kvtier.keys.make_salt(str(getattr(model.config, "_name_or_path", "model")), layout, kind="transformers")
     results: dict[str, Any] = {}
+    cost = None
     try:
+        def make_cache(policy: str) -> kvtier.TieredCache:
+            if policy == "device-lru":
+                return kvtier.TieredCache(layout, salt, device_bytes=device_budget)
+            pdir = os.path.join(nvme_base, policy)
+            shutil.rmtree(pdir, ignore_errors=True)
+            return kvtier.TieredCache(layout, salt, device_bytes=device_budget, dram_bytes=dram_budget,
+                                      nvme_dir=pdir, nvme_bytes=nvme_budget)
+
         replays = {}
         for p in chosen:
-            pdir = os.path.join(nvme_base, p)
-            shutil.rmtree(pdir, ignore_errors=True)
-            replays[p] = PolicyReplay(p, model, trs, device_budget=device_budget, dram_budget=dram_budget,
-                                      nvme_dir=pdir if p == "tiered" else None, nvme_budget=nvme_budget)
+            ex = ModelExecutor(model, max_tokens)
+            if p == "trace-aware":
+                # The cost model: this model's measured prefill time per token, this machine's tiers.
+                probe = make_cache("calibrate")
+                try:
+                    cost = calibrate(probe, ex.prefill_s_per_token())
+                finally:
+                    probe.close()
+                    shutil.rmtree(os.path.join(nvme_base, "calibrate"), ignore_errors=True)
+            replays[p] = PolicyReplay(PolicyRunner(p, ex, make_cache, cost), trs)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task(f"replay: {', '.join(chosen)} (interleaved)", total=steps_total)
             active = list(replays)
             while active:
                 for p in list(active):
+                    before = replays[p].steps_done
                     if replays[p].step():
-                        bar.advance(task)
+                        bar.advance(task, replays[p].steps_done - before)
                     else:
                         active.remove(p)
         for p in chosen:
             results[p] = replays[p].report()
+            replays[p].runner.close()
     finally:
         if own_nvme:
             shutil.rmtree(nvme_base, ignore_errors=True)
@@ -324,23 +236,13 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
         "config": {"block_tokens": BLOCK_TOKENS, "device_budget_bytes": device_budget, "dram_budget_bytes": dram_budget,
                    "nvme_budget_bytes": nvme_budget, "workload_kv_bytes": workload_kv, "traces": len(trs),
                    "steps": sum(len(t.steps) for t in trs), "seed": seed},
-        "time_model": "virtual: measured step service times on this machine, virtual tool gaps and arrivals",
+        "time_model": "virtual: measured step service times on this machine, virtual tool gaps and arrivals; "
+                      "background moves of the trace-aware policy timed on the copy lane (kvtier.driver)",
         "tokens_identical": identical,
         "policies": results,
     }
-    table = Table(title=f"kvtier replay: {len(trs)} traces, {report['config']['steps']} steps, "
-                        f"device budget {device_budget / 2**20:.1f} MiB")
-    for col in ("policy", "JCT p50 s", "JCT p99 s", "tasks/hour", "prefill computed", "hits dev/dram/nvme",
-                "bytes moved"):
-        table.add_column(col, justify="left" if col == "policy" else "right")
-    for p, r in results.items():
-        pt = r["prefill_tokens"]
-        h = r["hits"]
-        moved = sum(r["bytes_moved"].values()) if r["bytes_moved"] else 0
-        table.add_row(p, f"{r['jct_s']['p50']:.2f}", f"{r['jct_s']['p99']:.2f}", f"{r['tasks_per_hour']:.0f}",
-                      f"{pt['computed']}/{pt['total']} ({pt['computed'] / max(1, pt['total']):.0%})",
-                      f"{h['device']}/{h['dram']}/{h['nvme']}", f"{moved / 2**20:.1f} MiB")
-    Console().print(table)
+    render_table(results, f"kvtier replay: {len(trs)} traces, {report['config']['steps']} steps, "
+                          f"device budget {device_budget / 2**20:.1f} MiB")
     console.print("generated tokens identical across policies: "
                   + ("[green]yes[/green]" if identical else "[red]NO[/red]"))
     if json_path:
@@ -348,14 +250,14 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
             json.dump(report, f, indent=1)
         console.print(f"wrote {json_path}")
     if plot_path:
-        _plot(report, plot_path)
+        plot(report, plot_path)
         console.print(f"wrote {plot_path}")
     if not identical:
         raise kvtier.KvtierError("policies generated different tokens: the cache changed the model's outputs")
     return report
 
 
-def _plot(report: dict[str, Any], path: str) -> None:
+def plot(report: dict[str, Any], path: str) -> None:
     try:
         import matplotlib
 
@@ -365,11 +267,11 @@ def _plot(report: dict[str, Any], path: str) -> None:
         raise kvtier.UnavailableError("--plot needs matplotlib: pip install 'kvtier[plot]'") from None
     pols = list(report["policies"])
     res = report["policies"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     x = np.arange(len(pols))
     axes[0].bar(x - 0.2, [res[p]["jct_s"]["p50"] for p in pols], 0.4, label="p50")
     axes[0].bar(x + 0.2, [res[p]["jct_s"]["p99"] for p in pols], 0.4, label="p99")
-    axes[0].set_title("JCT (s, virtual time)")
+    axes[0].set_title(f"JCT (s, {report.get('time_axis', 'virtual time')})")
     axes[0].legend()
     axes[1].bar(x, [res[p]["prefill_tokens"]["computed"] for p in pols], color="tab:orange")
     axes[1].set_title("prefill tokens computed")
@@ -380,9 +282,22 @@ def _plot(report: dict[str, Any], path: str) -> None:
         bottom += vals
     axes[2].set_title("block hits by tier")
     axes[2].legend()
-    for ax in axes:
-        ax.set_xticks(x, pols)
-    fig.suptitle(f"kvtier replay: {report['model'][:60]}", fontsize=9)
+    for ax in axes[:3]:
+        ax.set_xticks(x, pols, fontsize=8)
+    ta = res.get("trace-aware", {}).get("trace_policy")
+    ax = axes[3]
+    if ta:
+        late = np.sort(np.asarray(ta.get("prefetch_lateness_all_s", []), dtype=float)) * 1e3
+        if len(late):
+            ax.step(late, np.arange(1, len(late) + 1) / len(late), where="post")
+        dec = ta["decisions"]
+        ax.set_title("trace-aware: prefetch lateness (ms), CDF", fontsize=9)
+        ax.text(0.98, 0.05, "decisions: " + ", ".join(f"{k} {v}" for k, v in dec.items()), transform=ax.transAxes,
+                ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+    else:
+        ax.set_axis_off()
+    fig.suptitle(f"{report.get('title', 'kvtier replay')}: {report['model'][:60]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,8 @@ One JSON object per line, one trace each::
 ``fork_of`` may be ``{"trace_id": "t0", "after_step": 2}``: a subagent that starts from its
 parent's context as it was after the parent's step 2 (its appended tokens and its generated
 tokens), no earlier than its own ``arrival_s``. ``tool_gap_s`` is the tool-call gap after the
-step (the last step's gap is ignored).
+step (the last step's gap is ignored). A step may also name the ``tool`` it calls (gaps are learned
+per tool) and carry the harness's hint for the gap, ``expected_gap_s``; both are optional.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Step:
     append: list[int]
     generate: int
     tool_gap_s: float = 0.0
+    tool: str | None = None  # the tool called after this step (gaps are learned per tool)
+    expected_gap_s: float | None = None  # the harness's hint for the gap, if it has one
 
 
 @dataclass
@@ -74,7 +77,13 @@ def _parse_trace(obj: Any, where: str) -> Trace:
         gap = s.get("tool_gap_s", 0.0)
         if not isinstance(gap, (int, float)) or gap < 0:
             raise InvalidArgumentError(f"{sw}: tool_gap_s must be a number >= 0, got {gap!r}")
-        steps.append(Step(list(append), gen, float(gap)))
+        tool = s.get("tool")
+        if tool is not None and not isinstance(tool, str):
+            raise InvalidArgumentError(f"{sw}: tool must be a string or null, got {tool!r}")
+        hint = s.get("expected_gap_s")
+        if hint is not None and (not isinstance(hint, (int, float)) or isinstance(hint, bool) or hint < 0):
+            raise InvalidArgumentError(f"{sw}: expected_gap_s must be a number >= 0 or null, got {hint!r}")
+        steps.append(Step(list(append), gen, float(gap), tool, None if hint is None else float(hint)))
     fork = obj.get("fork_of")
     fork_of = None
     if fork is not None:
@@ -147,41 +156,69 @@ def dump(traces: list[Trace], path: str | Path) -> None:
                 "trace_id": t.trace_id, "arrival_s": t.arrival_s,
                 "fork_of": None if t.fork_of is None else {"trace_id": t.fork_of.trace_id,
                                                            "after_step": t.fork_of.after_step},
-                "steps": [{"append": s.append, "generate": s.generate, "tool_gap_s": s.tool_gap_s} for s in t.steps],
+                "steps": [{"append": s.append, "generate": s.generate, "tool_gap_s": s.tool_gap_s,
+                           **({"tool": s.tool} if s.tool is not None else {}),
+                           **({"expected_gap_s": s.expected_gap_s} if s.expected_gap_s is not None else {})}
+                          for s in t.steps],
             }) + "\n")
 
 
-def default_workload(vocab_size: int, seed: int = 0, traces: int = 8, system_tokens: int = 320,
-                     tools_tokens: int = 128, steps: tuple[int, int] = (4, 7), forks: int = 3) -> list[Trace]:
-    """An agent workload shaped like published agent traffic, scaled for a CPU.
+# Tools of the default workload: (name, median gap s, log-normal sigma, share of calls, hinted).
+# Sub-second file reads to minutes-long builds and human replies; a harness knows roughly how long
+# the tools with a timeout or a schedule take (hinted), the rest are learned from their history.
+DEFAULT_TOOLS = (
+    ("read_file", 0.4, 0.5, 0.30, False),
+    ("grep", 0.8, 0.5, 0.15, False),
+    ("web_search", 3.0, 0.5, 0.20, False),
+    ("run_tests", 12.0, 0.6, 0.20, True),
+    ("build", 40.0, 0.5, 0.10, True),
+    ("ask_user", 90.0, 0.8, 0.05, True),
+)
 
-    Every trace starts with one shared system prompt and tool schemas (so prefixes are long and
-    shared), then alternates short generations with tool results appended to a growing history;
-    tool gaps run from sub-second to tens of seconds (log-normal); a few subagents fork from a
-    parent mid-trace and share its whole context.
+
+def default_workload(vocab_size: int, seed: int = 0, traces: int = 8, system_tokens: int = 384,
+                     tools_tokens: int = 128, steps: tuple[int, int] = (5, 8), forks: int | None = None,
+                     fan_out: int = 2, arrival_window_s: float = 20.0) -> list[Trace]:
+    """An agent workload shaped like published agent traffic, scaled down for a CPU.
+
+    Every trace starts with one shared system prompt and tool schemas (long shared prefixes), then
+    alternates short generations (4-12 tokens) with tool results (16-64 tokens) appended to a
+    growing history, over 5-8 turns; tool gaps come from :data:`DEFAULT_TOOLS`, sub-second to
+    minutes. ``forks`` parents (default 40% of the traces) fan out ``fan_out`` subagents each after
+    a random turn; a subagent shares its parent's whole context.
     """
     rng = np.random.default_rng(seed)
     low = 4  # keep a few ids free (no special meaning, just never sampled)
+    names = [t[0] for t in DEFAULT_TOOLS]
+    share = np.array([t[3] for t in DEFAULT_TOOLS])
+    share = share / share.sum()
 
     def toks(n: int) -> list[int]:
         return rng.integers(low, vocab_size, size=n).tolist()
+
+    def step(append: list[int], gen: tuple[int, int]) -> Step:
+        i = int(rng.choice(len(names), p=share))
+        _, median, sigma, _, hinted = DEFAULT_TOOLS[i]
+        gap = round(float(np.clip(median * rng.lognormal(0.0, sigma), 0.1, 600.0)), 3)
+        hint = round(gap * float(rng.lognormal(0.0, 0.25)), 3) if hinted and rng.random() < 0.75 else None
+        return Step(append, int(rng.integers(gen[0], gen[1] + 1)), gap, names[i], hint)
 
     system = toks(system_tokens) + toks(tools_tokens)
     out: list[Trace] = []
     for i in range(traces):
         n_steps = int(rng.integers(steps[0], steps[1] + 1))
-        st = []
-        for j in range(n_steps):
-            append = (system + toks(int(rng.integers(32, 72)))) if j == 0 else toks(int(rng.integers(24, 96)))
-            gap = float(np.clip(rng.lognormal(mean=1.0, sigma=1.2), 0.2, 120.0))
-            st.append(Step(append, int(rng.integers(6, 14)), round(gap, 3)))
-        out.append(Trace(f"t{i}", round(float(rng.uniform(0, 20.0)), 3), st))
-    for k in range(forks):
-        parent = out[int(rng.integers(0, traces))]
+        st = [step((system + toks(int(rng.integers(32, 64)))) if j == 0 else toks(int(rng.integers(16, 65))), (4, 12))
+              for j in range(n_steps)]
+        out.append(Trace(f"t{i}", round(float(rng.uniform(0, arrival_window_s)), 3), st))
+    n_forks = max(0, round(0.4 * traces)) if forks is None else forks
+    parents = rng.choice(traces, size=min(n_forks, traces), replace=False) if traces else []
+    k = 0
+    for p in parents:
+        parent = out[int(p)]
         after = int(rng.integers(0, len(parent.steps) - 1))
-        n_steps = int(rng.integers(2, 4))
-        st = [Step(toks(int(rng.integers(24, 64))), int(rng.integers(6, 12)),
-                   round(float(np.clip(rng.lognormal(0.5, 1.0), 0.2, 60.0)), 3)) for _ in range(n_steps)]
-        out.append(Trace(f"{parent.trace_id}.sub{k}", parent.arrival_s, st, Fork(parent.trace_id, after)))
+        for _ in range(fan_out):
+            st = [step(toks(int(rng.integers(24, 64))), (4, 10)) for _ in range(int(rng.integers(2, 4)))]
+            out.append(Trace(f"{parent.trace_id}.sub{k}", parent.arrival_s, st, Fork(parent.trace_id, after)))
+            k += 1
     validate(out, vocab_size)
     return out

@@ -1,0 +1,292 @@
+"""Drives an agent-trace workload through one cache policy in virtual time.
+
+``kvtier replay`` (a real decoder, measured step times) and ``kvtier simulate`` (a modelled GPU
+server) share this module: the same event loop, the same :class:`PolicyRunner` and through it the
+same :class:`~kvtier.TieredCache` and :class:`~kvtier.TraceManager` code. Only the
+:class:`Executor` differs: what a step's compute is and how long things take.
+
+Time model (Note [Virtual time]): a server has one prefill resource, which runs one step's cache
+lookup, KV load, prefill and store at a time; decode then proceeds in parallel with other steps
+(continuous batching; the real replay decodes inside the step, so its decode time is part of the
+step). Tool-call gaps and arrivals are virtual. A trace's JCT runs from its arrival to the end of
+its last step, queueing included. Moves the trace-aware policy makes in the background (demotion
+at a tool start, prefetch) are timed on the cache's copy lane (:class:`kvtier.trace.BackgroundLane`),
+not on the server's prefill resource, because on a GPU server they run on the copy engines and the
+NVMe queues beside compute; a resume whose restore is still on the lane waits for it or
+recomputes the late part.
+
+Policies:
+  none         no reuse: every step prefills its whole context.
+  device-lru   reuse within the device-tier budget only (what engines do today).
+  tiered       kvtier's tiers below the same device budget: DRAM, NVMe, LRU demotion.
+  trace-aware  the same tiers, driven by traces: gap-aware offload and prefetch, private partial
+               tail blocks kept, shared prefixes held hot (kvtier.policy, kvtier.trace).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from kvtier.cache import TieredCache
+from kvtier.errors import InvalidArgumentError
+from kvtier.policy import CostModel, TraceAwarePolicy
+from kvtier.trace import BackgroundLane, TraceManager
+from kvtier.workload import Trace
+
+POLICIES = ("none", "device-lru", "tiered", "trace-aware")
+DEFAULT_POLICY = "trace-aware"
+
+
+def check_policies(policies: list[str] | None) -> list[str]:
+    """``None`` or ``["all"]``: every policy; else the named ones, checked."""
+    if not policies or "all" in policies:
+        return list(POLICIES)
+    for p in policies:
+        if p not in POLICIES:
+            raise InvalidArgumentError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)} or all")
+    return list(dict.fromkeys(policies))
+
+
+class Executor(Protocol):
+    """A step's compute on some engine, real or modelled."""
+
+    registration: Any  # the engine's KV: block b = tokens [b * block_tokens, (b + 1) * block_tokens)
+
+    def reset(self) -> None: ...  # a fresh, empty sequence
+
+    def set_cached(self, tokens: int) -> None: ...  # the first `tokens` tokens' KV have been loaded
+
+    def compute(self, ctx: np.ndarray, generate: int, trace_id: str, step: int) -> tuple[list[int], int, float]:
+        """Prefill what is not cached and generate ``generate`` tokens greedily: returns (new tokens,
+        tokens of KV the engine now holds, seconds of decode that run beside other steps)."""
+        ...
+
+    def stopwatch(self) -> float: ...  # seconds of work on the step's critical path so far
+
+
+@dataclass
+class StepResult:
+    tokens: list[int]
+    computed: int  # prefill tokens computed
+    total: int  # prefill tokens in the context
+    service_s: float  # on the server's prefill resource
+    decode_s: float = 0.0  # after it, beside other steps
+    wait_s: float = 0.0  # > 0: not run; the trace's restore is late, try again then
+
+
+class PolicyRunner:
+    """One policy over one executor: lookup, load, compute, store, and the trace hooks."""
+
+    def __init__(self, policy: str, executor: Executor, make_cache: Callable[[str], TieredCache | None],
+                 cost: CostModel | None = None, lane: BackgroundLane | None = None,
+                 trace_policy: TraceAwarePolicy | None = None) -> None:
+        check_policies([policy])
+        self.policy = policy
+        self.ex = executor
+        self.cache = make_cache(policy) if policy != "none" else None
+        self.traces: TraceManager | None = None
+        if policy == "trace-aware":
+            if cost is None:
+                raise InvalidArgumentError("the trace-aware policy needs a cost model")
+            self.traces = TraceManager(self.cache, cost, policy=trace_policy, lane=lane or BackgroundLane())
+        self.block_tokens = self.cache.block_tokens if self.cache is not None else 16
+
+    # trace hooks: no-ops for the policies that do not know about traces
+    def open(self, tid: str, parent: str | None = None) -> None:
+        if self.traces is not None:
+            self.traces.get(parent).fork(tid) if parent is not None else self.traces.open(tid)
+
+    def tick(self, now: float) -> None:
+        if self.traces is not None:
+            self.traces.tick(now)
+
+    def tool_start(self, tid: str, now: float, expected_gap_s: float | None, tool: str | None) -> None:
+        if self.traces is not None:
+            self.traces.get(tid).tool_start(expected_gap_s, tool, now=now)
+
+    def tool_end(self, tid: str, now: float) -> None:
+        if self.traces is not None:
+            t = self.traces.get(tid)
+            if t.state.value in ("tool", "parked"):
+                t.tool_end(now)
+
+    def close_trace(self, tid: str) -> None:
+        if self.traces is not None:
+            self.traces.get(tid).close()
+
+    def run_step(self, tid: str, k: int, ctx: np.ndarray, generate: int, now: float) -> StepResult:
+        ex, cache, bt = self.ex, self.cache, self.block_tokens
+        t0 = ex.stopwatch()
+        ex.reset()
+        hit = 0
+        match = None
+        trace = self.traces.get(tid) if self.traces is not None else None
+        if trace is not None:
+            plan = trace.begin_step(ctx, now=now)
+            if plan.match is None:
+                return StepResult([], 0, 0, 0.0, wait_s=plan.wait_s)
+            match = plan.match
+            pinned = match.hit_blocks
+            cache.load(match, ex.registration, np.arange(match.hit_blocks)).wait()
+            # A block lost on the way (corrupt on NVMe) shortens the prefix, and the tail with it.
+            hit = plan.hit_tokens if match.hit_blocks == pinned else match.hit_blocks * bt
+        elif cache is not None:
+            match = cache.match(ctx, max_blocks=(len(ctx) - 1) // bt)
+            cache.load(match, ex.registration, np.arange(match.hit_blocks)).wait()
+            hit = match.hit_blocks * bt
+        if hit:
+            ex.set_cached(hit)
+        new, seq_len, decode_s = ex.compute(ctx, generate, tid, k)
+        full = np.concatenate([ctx, np.asarray(new, dtype=np.int64)])
+        if trace is not None:
+            trace.end_step(full, ex.registration, seq_len, now=now)
+        elif cache is not None:
+            cache.release(match)
+            filled = seq_len // bt
+            if filled > match.hit_blocks:
+                cache.store(full[: filled * bt], ex.registration, np.arange(match.hit_blocks, filled),
+                            first_block=match.hit_blocks)
+        return StepResult(new, len(ctx) - hit, len(ctx), ex.stopwatch() - t0, decode_s)
+
+    def close(self) -> None:
+        if self.traces is not None:
+            self.traces.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+class PolicyReplay:
+    """One policy's run of a workload in virtual time, advanced one step at a time, so that
+    several policies can be interleaved step by step (noise on a shared machine then lands on
+    all of them alike)."""
+
+    def __init__(self, runner: PolicyRunner, traces: list[Trace]) -> None:
+        self.runner = runner
+        self.traces = traces
+        self.by_id = {t.trace_id: t for t in traces}
+        self.contexts: dict[str, list[int]] = {}
+        self.children: dict[tuple[str, int], list[Trace]] = {}
+        for t in traces:
+            if t.fork_of is not None:
+                self.children.setdefault((t.fork_of.trace_id, t.fork_of.after_step), []).append(t)
+        self.tokens: dict[str, list[list[int]]] = {t.trace_id: [] for t in traces}
+        self.ready: list[tuple[float, int, str, int]] = []  # (ready time, seq, trace id, step)
+        self.seq = 0
+        self.started: set[tuple[str, int]] = set()
+        for t in traces:
+            if t.fork_of is None:
+                self._push(t.arrival_s, t.trace_id, 0)
+                self.contexts[t.trace_id] = []
+                runner.open(t.trace_id)
+        self.server_free = 0.0
+        self.finish: dict[str, float] = {}
+        self.computed = self.total = 0
+        self.service: list[float] = []
+        self.steps_done = 0
+
+    def _push(self, at: float, tid: str, step: int) -> None:
+        heapq.heappush(self.ready, (at, self.seq, tid, step))
+        self.seq += 1
+
+    def step(self) -> bool:
+        """Run the next ready step; False once every trace has finished."""
+        if not self.ready:
+            return False
+        at, _, tid, k = heapq.heappop(self.ready)
+        t = self.by_id[tid]
+        step = t.steps[k]
+        r = self.runner
+        start = max(self.server_free, at)
+        r.tick(at)
+        if k > 0:
+            r.tool_end(tid, at)
+        r.tick(start)
+        ctx = self.contexts[tid]
+        if (tid, k) not in self.started:
+            ctx.extend(step.append)
+            self.started.add((tid, k))
+        res = r.run_step(tid, k, np.asarray(ctx, dtype=np.int64), step.generate, start)
+        if res.wait_s > 0:  # the restore is late and waiting beats recomputing: come back then
+            self._push(start + res.wait_s, tid, k)
+            return True
+        self.server_free = start + res.service_s
+        done = self.server_free + res.decode_s
+        self.service.append(res.service_s)
+        self.computed += res.computed
+        self.total += res.total
+        self.steps_done += 1
+        ctx.extend(res.tokens)
+        self.tokens[tid].append(res.tokens)
+        for child in self.children.get((tid, k), []):
+            self.contexts[child.trace_id] = list(ctx)
+            r.open(child.trace_id, parent=tid)
+            self._push(max(done, child.arrival_s), child.trace_id, 0)
+        if k + 1 < len(t.steps):
+            r.tool_start(tid, done, step.expected_gap_s, step.tool)
+            self._push(done + step.tool_gap_s, tid, k + 1)
+        else:
+            self.finish[tid] = done
+            r.close_trace(tid)
+        return True
+
+    def report(self, keep_tokens: bool = True) -> dict[str, Any]:
+        cache = self.runner.cache
+        jct = [self.finish[t.trace_id] - t.arrival_s for t in self.traces]
+        makespan = max(self.finish.values()) - min(t.arrival_s for t in self.traces)
+        out: dict[str, Any] = {
+            "jct_s": {"p50": _percentile(jct, 50), "p99": _percentile(jct, 99), "mean": float(np.mean(jct))},
+            "makespan_s": makespan,
+            "tasks_per_hour": len(self.traces) / makespan * 3600 if makespan > 0 else 0.0,
+            "prefill_tokens": {"computed": self.computed, "total": self.total},
+            "service_s": {"sum": float(np.sum(self.service)), "p50": _percentile(self.service, 50)},
+        }
+        if keep_tokens:
+            out["tokens"] = self.tokens
+        if cache is not None:
+            snap = cache.metrics.snapshot()
+            out.update(hits=snap["hits"], misses=snap["misses"], bytes_moved=snap["bytes_moved"],
+                       blocks_per_tier=cache.blocks_per_tier(), transfer_latency=snap["transfer_latency"],
+                       dropped_blocks=snap["dropped_blocks"])
+        else:
+            out.update(hits={"device": 0, "dram": 0, "nvme": 0}, misses=0, bytes_moved={})
+        out["nvme_bytes_written_per_task"] = out["bytes_moved"].get("dram->nvme", 0) / len(self.traces)
+        if self.runner.traces is not None:
+            out["trace_policy"] = self.runner.traces.metrics.snapshot()
+            out["trace_policy"]["background_lane_s"] = self.runner.traces.lane.busy_s
+            out["trace_policy"]["prefetch_lateness_all_s"] = list(self.runner.traces.metrics.prefetch_lateness_s)
+            out["cost_model"] = self.runner.traces.cost.as_dict()
+        return out
+
+
+def render_table(results: dict[str, dict[str, Any]], title: str) -> None:
+    """The per-policy table ``kvtier replay`` and ``kvtier simulate`` print."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    cols = ("policy", "JCT p50 s", "JCT p99 s", "tasks/hour", "prefill computed", "hits dev/dram/nvme",
+            "NVMe written/task", "decisions keep/dram/nvme/drop", "prefetch late (n, p90 ms)")
+    dollars = any("dollars_per_task" in r for r in results.values())
+    for col in cols + (("$/task",) if dollars else ()):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for p, r in results.items():
+        pt, h = r["prefill_tokens"], r["hits"]
+        ta = r.get("trace_policy")
+        dec = "-" if not ta else "/".join(str(ta["decisions"][k]) for k in ("keep", "dram", "nvme", "drop"))
+        late = "-" if not ta else (f"{ta['prefetch_lateness_s']['late']}/{ta['prefetch_lateness_s']['count']}, "
+                                   f"{ta['prefetch_lateness_s']['p90'] * 1e3:.1f}")
+        extra = [f"{r.get('dollars_per_task', 0.0):.4f}"] if dollars else []
+        table.add_row(p, f"{r['jct_s']['p50']:.2f}", f"{r['jct_s']['p99']:.2f}", f"{r['tasks_per_hour']:.0f}",
+                      f"{pt['computed']}/{pt['total']} ({pt['computed'] / max(1, pt['total']):.0%})",
+                      f"{h['device']}/{h['dram']}/{h['nvme']}", f"{r['nvme_bytes_written_per_task'] / 2**20:.1f} MiB",
+                      dec, late, *extra)
+    Console().print(table)
