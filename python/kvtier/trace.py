@@ -37,6 +37,7 @@ Example (an engine with a transformers decoder)::
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import itertools
@@ -69,25 +70,42 @@ class TraceState(str, enum.Enum):
 
 
 class BackgroundLane:
-    """Times background moves as if they ran one after another on the copy engines.
+    """Times background moves as if they ran one at a time on the copy engines.
 
-    ``measure(fn)`` runs ``fn`` and returns ``(seconds, result)``; the default is wall time. The
-    simulator passes one that reads its modelled transfer time instead.
+    A move issued at ``at`` takes the first idle stretch of the lane at or after ``at`` that is
+    long enough; moves may be issued out of time order (a tool start is issued when its step's
+    decode ends, which may be after later events were handled). ``measure(fn)`` runs ``fn`` and
+    returns ``(seconds, result)``; the default is wall time, the simulator passes one that reads
+    its modelled transfer time instead.
     """
 
-    def __init__(self, measure: Callable[[Callable[[], Any]], tuple[float, Any]] | None = None) -> None:
-        self.free_at = 0.0
+    def __init__(self, measure: Callable[[Callable[[], Any]], tuple[float, Any]] | None = None,
+                 horizon_s: float = 3600.0) -> None:
         self.busy_s = 0.0
         self._measure = measure or _wall_time
+        self._busy: list[tuple[float, float]] = []  # disjoint (start, end), sorted
+        self._horizon = horizon_s
+
+    @property
+    def free_at(self) -> float:
+        return self._busy[-1][1] if self._busy else 0.0
 
     def run(self, at: float, fn: Callable[[], Any]) -> tuple[float, float, Any]:
         """Run ``fn`` as a move issued at ``at``: returns (start, done, result)."""
         seconds, result = self._measure(fn)
-        start = max(at, self.free_at)
-        done = start + seconds
-        self.free_at = done
+        busy = self._busy
+        if busy and busy[0][1] < at - self._horizon:  # forget the distant past
+            del busy[: bisect.bisect_left(busy, (at - self._horizon, 0.0))]
+        i = bisect.bisect_left(busy, (at, -1.0))
+        if i > 0 and busy[i - 1][1] > at:
+            i -= 1
+        start = at
+        while i < len(busy) and busy[i][0] < start + seconds:
+            start = max(start, busy[i][1])
+            i += 1
+        bisect.insort(busy, (start, start + seconds))
         self.busy_s += seconds
-        return start, done, result
+        return start, start + seconds, result
 
 
 def _wall_time(fn: Callable[[], Any]) -> tuple[float, Any]:

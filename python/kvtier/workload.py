@@ -178,7 +178,9 @@ DEFAULT_TOOLS = (
 
 def default_workload(vocab_size: int, seed: int = 0, traces: int = 8, system_tokens: int = 384,
                      tools_tokens: int = 128, steps: tuple[int, int] = (5, 8), forks: int | None = None,
-                     fan_out: int = 2, arrival_window_s: float = 20.0) -> list[Trace]:
+                     fan_out: int = 2, arrival_window_s: float = 20.0, first_append: tuple[int, int] = (32, 64),
+                     append: tuple[int, int] = (16, 64), generate: tuple[int, int] = (4, 12),
+                     gap_scale: float = 1.0) -> list[Trace]:
     """An agent workload shaped like published agent traffic, scaled down for a CPU.
 
     Every trace starts with one shared system prompt and tool schemas (long shared prefixes), then
@@ -199,7 +201,7 @@ def default_workload(vocab_size: int, seed: int = 0, traces: int = 8, system_tok
     def step(append: list[int], gen: tuple[int, int]) -> Step:
         i = int(rng.choice(len(names), p=share))
         _, median, sigma, _, hinted = DEFAULT_TOOLS[i]
-        gap = round(float(np.clip(median * rng.lognormal(0.0, sigma), 0.1, 600.0)), 3)
+        gap = round(float(np.clip(gap_scale * median * rng.lognormal(0.0, sigma), 0.1, 600.0)), 3)
         hint = round(gap * float(rng.lognormal(0.0, 0.25)), 3) if hinted and rng.random() < 0.75 else None
         return Step(append, int(rng.integers(gen[0], gen[1] + 1)), gap, names[i], hint)
 
@@ -207,8 +209,8 @@ def default_workload(vocab_size: int, seed: int = 0, traces: int = 8, system_tok
     out: list[Trace] = []
     for i in range(traces):
         n_steps = int(rng.integers(steps[0], steps[1] + 1))
-        st = [step((system + toks(int(rng.integers(32, 64)))) if j == 0 else toks(int(rng.integers(16, 65))), (4, 12))
-              for j in range(n_steps)]
+        st = [step((system + toks(int(rng.integers(*first_append)))) if j == 0
+                   else toks(int(rng.integers(append[0], append[1] + 1))), generate) for j in range(n_steps)]
         out.append(Trace(f"t{i}", round(float(rng.uniform(0, arrival_window_s)), 3), st))
     n_forks = max(0, round(0.4 * traces)) if forks is None else forks
     parents = rng.choice(traces, size=min(n_forks, traces), replace=False) if traces else []
@@ -217,7 +219,7 @@ def default_workload(vocab_size: int, seed: int = 0, traces: int = 8, system_tok
         parent = out[int(p)]
         after = int(rng.integers(0, len(parent.steps) - 1))
         for _ in range(fan_out):
-            st = [step(toks(int(rng.integers(24, 64))), (4, 10)) for _ in range(int(rng.integers(2, 4)))]
+            st = [step(toks(int(rng.integers(append[0], append[1] + 1))), generate) for _ in range(int(rng.integers(2, 4)))]
             out.append(Trace(f"{parent.trace_id}.sub{k}", parent.arrival_s, st, Fork(parent.trace_id, after)))
             k += 1
     validate(out, vocab_size)

@@ -1,0 +1,373 @@
+"""``kvtier simulate``: the cache policies at fleet scale, on a modelled GPU server, in virtual time.
+
+SIMULATION. Nothing here runs a model or moves bytes. The workload goes through the same code as
+``kvtier replay``: :mod:`kvtier.driver`'s event loop and :class:`~kvtier.driver.PolicyRunner`,
+:class:`~kvtier.TieredCache` with its C++ :class:`BlockIndex` (LRU, pins, trace refcounts) and
+:class:`~kvtier.TraceManager` with :class:`~kvtier.policy.TraceAwarePolicy`. Only the backend is
+modelled: the tiers' pools hand out block ids without memory, a transfer takes
+``bytes / bandwidth`` of its link, a step's prefill takes ``tokens / prefill throughput`` and its
+decode ``tokens / decode speed``, beside other steps (continuous batching).
+
+The fleet is ``servers`` identical servers; each root trace goes to the server with the fewest
+traces so far, and a subagent to its parent's server. $ per task is the fleet's cost over the
+makespan divided by the tasks done: ``servers * $/h * makespan_h / tasks``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from kvtier.cache import DEVICE, DRAM, TieredCache
+from kvtier.driver import PolicyReplay, PolicyRunner, check_policies, render_table
+from kvtier.errors import InvalidArgumentError
+from kvtier.layout import KVLayout
+from kvtier.memory import as_block_ids
+from kvtier.policy import CostModel
+from kvtier.trace import BackgroundLane
+from kvtier.workload import Trace, default_workload
+
+__all__ = ["PRESETS", "ServerModel", "fleet_workload", "simulate"]
+
+
+@dataclass(frozen=True)
+class ServerModel:
+    """One GPU server, as the simulator sees it. Capacities are what is left for KV blocks."""
+
+    name: str
+    hbm_kv_gib: float  # HBM for cached KV blocks (after weights and running batches)
+    dram_kv_gib: float  # pinned host memory for KV
+    nvme_kv_gib: float  # local NVMe for KV
+    pcie_gbps: float  # GB/s, host <-> device, each way
+    hbm_gbps: float  # GB/s, device <-> device copies
+    nvme_read_gbps: float
+    nvme_write_gbps: float
+    network_gbps: float  # GB/s to other servers (reported; no remote tier yet)
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float  # per sequence, at the server's usual batch
+    kv_bytes_per_token: int
+    dollars_per_hour: float
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        for k, v in asdict(self).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 and k != "network_gbps":
+                raise InvalidArgumentError(f"server model {self.name!r}: {k} must be > 0, got {v!r}")
+
+
+# Published or commonly measured figures, rounded; change them with --set key=value.
+PRESETS: dict[str, ServerModel] = {
+    "h100-llama3-8b": ServerModel(
+        name="h100-llama3-8b", model="Llama-3-8B bf16 (32 layers, 8 KV heads x 128)",
+        hbm_kv_gib=40, dram_kv_gib=256, nvme_kv_gib=2000, pcie_gbps=25, hbm_gbps=1500, nvme_read_gbps=6.5,
+        nvme_write_gbps=3.5, network_gbps=12.5, prefill_tokens_per_s=12000, decode_tokens_per_s=40,
+        kv_bytes_per_token=131072, dollars_per_hour=3.0),
+    "h100-qwen2.5-32b": ServerModel(
+        name="h100-qwen2.5-32b", model="Qwen2.5-32B bf16 (64 layers, 8 KV heads x 128), 2 GPUs",
+        hbm_kv_gib=60, dram_kv_gib=512, nvme_kv_gib=4000, pcie_gbps=50, hbm_gbps=3000, nvme_read_gbps=13,
+        nvme_write_gbps=7, network_gbps=25, prefill_tokens_per_s=5000, decode_tokens_per_s=30,
+        kv_bytes_per_token=262144, dollars_per_hour=6.0),
+}
+
+
+# ------------------------------------------------------------------------------- modelled backend
+
+
+class _Handle:
+    """A finished transfer: what TieredCache reads from a real handle."""
+
+    __slots__ = ("bytes", "latency_s", "block_ok", "num_blocks")
+
+    def __init__(self, nbytes: int, seconds: float, n: int, ok: np.ndarray | None = None) -> None:
+        self.bytes, self.latency_s, self.num_blocks, self.block_ok = nbytes, seconds, n, ok
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    def done(self) -> bool:
+        return True
+
+
+class ModelPool:
+    """Block ids of a tier without memory behind them."""
+
+    def __init__(self, kind: str, num_blocks: int, block_bytes: int) -> None:
+        if num_blocks < 1:
+            raise InvalidArgumentError(f"the {kind} tier would hold no block")
+        self.kind, self.num_blocks, self.block_bytes = kind, num_blocks, block_bytes
+        self._free = np.arange(num_blocks - 1, -1, -1, dtype=np.int32)
+        self._n = num_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        return self._n
+
+    def allocate(self, n: int) -> np.ndarray:
+        if n > self._n:
+            from kvtier.errors import OutOfCapacityError
+
+            raise OutOfCapacityError(f"the {self.kind} tier has {self._n} free blocks, {n} requested")
+        self._n -= n
+        return self._free[self._n:self._n + n][::-1].copy()
+
+    def free(self, ids: Any) -> None:
+        ids = as_block_ids(ids)
+        if self._n + len(ids) > self.num_blocks:
+            raise InvalidArgumentError(f"the {self.kind} tier: more blocks freed than allocated")
+        self._free[self._n:self._n + len(ids)] = ids[::-1]
+        self._n += len(ids)
+
+
+class ModelEngine:
+    """Transfers that take ``bytes / bandwidth`` of their link; ``elapsed_s`` adds them up."""
+
+    def __init__(self, server: ServerModel, block_bytes: int) -> None:
+        pcie, hbm = server.pcie_gbps * 1e9, server.hbm_gbps * 1e9
+        self.bw = {("device", "engine"): hbm, ("engine", "device"): hbm, ("device", "dram"): pcie,
+                   ("dram", "device"): pcie, ("dram", "engine"): pcie, ("engine", "dram"): pcie}
+        self.block_bytes = block_bytes
+        self.elapsed_s = 0.0
+
+    def charge(self, nbytes: int, bandwidth: float) -> float:
+        s = nbytes / bandwidth
+        self.elapsed_s += s
+        return s
+
+    def transfer(self, src: Any, src_ids: Any, dst: Any, dst_ids: Any) -> _Handle:
+        n = len(as_block_ids(src_ids))
+        if n != len(as_block_ids(dst_ids)):
+            raise InvalidArgumentError("source and destination block counts differ")
+        nbytes = n * self.block_bytes
+        return _Handle(nbytes, self.charge(nbytes, self.bw[(src.kind, dst.kind)]), n)
+
+
+class ModelNvme:
+    """The NVMe tier's slots, counted; reads and writes take the disk's bandwidth."""
+
+    def __init__(self, engine: ModelEngine, server: ServerModel, num_slots: int) -> None:
+        self.engine, self.num_slots, self.used = engine, num_slots, 0
+        self.rd, self.wr = server.nvme_read_gbps * 1e9, server.nvme_write_gbps * 1e9
+
+    def write(self, keys: np.ndarray, ids: Any) -> _Handle:
+        n = len(keys)
+        if self.used + n > self.num_slots:
+            from kvtier.errors import OutOfCapacityError
+
+            raise OutOfCapacityError("the NVMe tier is full")
+        self.used += n
+        nbytes = n * self.engine.block_bytes
+        return _Handle(nbytes, self.engine.charge(nbytes, self.wr), n, np.ones(n, dtype=bool))
+
+    def read(self, keys: np.ndarray, ids: Any) -> _Handle:
+        n = len(keys)
+        nbytes = n * self.engine.block_bytes
+        return _Handle(nbytes, self.engine.charge(nbytes, self.rd), n, np.ones(n, dtype=bool))
+
+    def evict(self, keys: np.ndarray) -> int:
+        self.used -= len(keys)
+        return len(keys)
+
+    def stats(self) -> dict[str, int]:
+        return {"num_slots": self.num_slots, "used_slots": self.used}
+
+    def close(self) -> None:
+        pass
+
+
+class ModelBackend:
+    def __init__(self, server: ServerModel, layout: KVLayout) -> None:
+        self.server, self.layout = server, layout
+        self.engine = ModelEngine(server, layout.block_bytes)
+
+    def make_pool(self, capacity: int, tier: int) -> ModelPool:
+        return ModelPool("device" if tier == DEVICE else "dram", capacity // self.layout.block_bytes,
+                         self.layout.block_bytes)
+
+    def make_nvme(self, directory: str, staging: ModelPool, capacity: int) -> ModelNvme:
+        return ModelNvme(self.engine, self.server, capacity // self.layout.block_bytes)
+
+
+class ModelExecutor:
+    """A step on the modelled server: synthetic greedy tokens (the same for every policy),
+    prefill time for the tokens not loaded, decode beside other steps."""
+
+    def __init__(self, server: ServerModel, backend: ModelBackend, vocab: int) -> None:
+        self.server, self.engine, self.vocab = server, backend.engine, vocab
+        self.registration = ModelPool("engine", 1, backend.layout.block_bytes)
+        self._compute_s = 0.0
+        self._cached = 0
+
+    def reset(self) -> None:
+        self._cached = 0
+
+    def set_cached(self, tokens: int) -> None:
+        self._cached = tokens
+
+    def compute(self, ctx: np.ndarray, generate: int, trace_id: str, step: int) -> tuple[list[int], int, float]:
+        self._compute_s += (len(ctx) - self._cached) / self.server.prefill_tokens_per_s
+        seed = (hash(trace_id) & 0xFFFFFFFF, step)  # hash() of a str is salted per process; fine within one run
+        tokens = np.random.default_rng(seed).integers(4, self.vocab, size=generate).tolist()
+        return tokens, len(ctx) + generate - 1, generate / self.server.decode_tokens_per_s
+
+    def stopwatch(self) -> float:
+        return self.engine.elapsed_s + self._compute_s
+
+
+# ------------------------------------------------------------------------------- the fleet
+
+
+def fleet_workload(traces: int, seed: int = 0, vocab: int = 32000) -> list[Trace]:
+    """The default agent workload at production scale: 6k-token shared prefixes, 8-16 turns of
+    200-1500-token tool results and 30-150-token outputs, every trace arriving within 10 minutes."""
+    return default_workload(vocab, seed=seed, traces=traces, system_tokens=4096, tools_tokens=2048,
+                            steps=(8, 16), first_append=(200, 800), append=(200, 1500), generate=(30, 150),
+                            arrival_window_s=600.0)
+
+
+def _layout(server: ServerModel, block_tokens: int) -> KVLayout:
+    # One "layer" of kv_bytes_per_token / 2 bytes per token for each of K and V, in uint8: the
+    # policy code only ever sees block_bytes and block_tokens.
+    return KVLayout(num_layers=1, kv_heads=1, head_dim=server.kv_bytes_per_token // 2, block_tokens=block_tokens,
+                    dtype="uint8")
+
+
+def _cost(server: ServerModel, layout: KVLayout) -> CostModel:
+    pcie, nv_r, nv_w = server.pcie_gbps * 1e9, server.nvme_read_gbps * 1e9, server.nvme_write_gbps * 1e9
+    return CostModel(layout.block_bytes, layout.block_tokens,
+                     {"device->dram": pcie, "dram->device": pcie, "dram->engine": pcie,
+                      "device->engine": server.hbm_gbps * 1e9, "dram->nvme": nv_w, "nvme->dram": nv_r},
+                     1.0 / server.prefill_tokens_per_s, source=f"server model {server.name}")
+
+
+def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 8, traces: int = 1000,
+             policies: list[str] | None = None, seed: int = 0, workload: list[Trace] | None = None,
+             block_tokens: int = 64, hbm_kv_gib: float | None = None, json_path: str | None = None,
+             plot_path: str | None = None, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Run every policy over the fleet; returns the report (also printed, and written as JSON)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if isinstance(server, str):
+        if server not in PRESETS:
+            raise InvalidArgumentError(f"unknown server model {server!r}; presets: {', '.join(PRESETS)}")
+        server = PRESETS[server]
+    if hbm_kv_gib is not None:
+        server = replace(server, hbm_kv_gib=hbm_kv_gib)
+    if servers < 1:
+        raise InvalidArgumentError(f"servers must be >= 1, got {servers}")
+    chosen = check_policies(policies)
+    trs = workload if workload is not None else fleet_workload(traces, seed)
+    layout = _layout(server, block_tokens)
+    # Sticky placement: root traces to the least loaded server, subagents with their parent.
+    home: dict[str, int] = {}
+    load = [0] * servers
+    for t in sorted(trs, key=lambda t: (t.fork_of is not None, t.arrival_s)):
+        if t.fork_of is None:
+            home[t.trace_id] = int(np.argmin(load))
+            load[home[t.trace_id]] += 1
+    by_id = {t.trace_id: t for t in trs}
+    for t in trs:
+        root = t
+        while root.fork_of is not None:
+            root = by_id[root.fork_of.trace_id]
+        home[t.trace_id] = home[root.trace_id]
+    groups = [[t for t in trs if home[t.trace_id] == s] for s in range(servers)]
+    console = Console(stderr=True)
+    gib = 1 << 30
+    results: dict[str, Any] = {}
+    t_wall = time.perf_counter()
+    total_steps = sum(len(t.steps) for t in trs) * len(chosen)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"simulate: {len(trs)} traces on {servers} servers", total=total_steps)
+        for p in chosen:
+            reports = []
+            for group in groups:
+                if not group:
+                    continue
+                backend = ModelBackend(server, layout)
+
+                def make_cache(policy: str, backend: ModelBackend = backend) -> TieredCache:
+                    dev = int(server.hbm_kv_gib * gib)
+                    if policy == "device-lru":
+                        return TieredCache(layout, "sim", device_bytes=dev, backend=backend)
+                    return TieredCache(layout, "sim", device_bytes=dev, dram_bytes=int(server.dram_kv_gib * gib),
+                                       nvme_dir="(modelled)", nvme_bytes=int(server.nvme_kv_gib * gib), backend=backend)
+
+                eng = backend.engine
+
+                def measure(fn: Any, eng: ModelEngine = eng) -> tuple[float, Any]:
+                    before = eng.elapsed_s
+                    out = fn()
+                    return eng.elapsed_s - before, out
+
+                runner = PolicyRunner(p, ModelExecutor(server, backend, 32000), make_cache, _cost(server, layout),
+                                      lane=BackgroundLane(measure))
+                rp = PolicyReplay(runner, group)
+                while rp.step():
+                    bar.advance(task)
+                reports.append((rp, rp.report(keep_tokens=False)))
+                runner.close()
+            results[p] = _merge(reports, server, servers)
+    wall = time.perf_counter() - t_wall
+    report = {
+        "kind": "SIMULATION (modelled server, virtual time; no model runs, no bytes move)",
+        "server": asdict(server), "servers": servers, "traces": len(trs),
+        "steps": sum(len(t.steps) for t in trs), "block_tokens": block_tokens, "seed": seed,
+        "wall_s": wall, "policies": results, "model": f"simulated {server.name}", "title": "kvtier simulate",
+        "time_axis": "simulated time",
+    }
+    if not quiet:
+        render_table(results, f"kvtier simulate (SIMULATION): {len(trs)} traces, {servers} x {server.name}, "
+                              f"HBM for KV {server.hbm_kv_gib:g} GiB per server")
+        console.print(f"simulated in {wall:.1f} s wall time")
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+        console.print(f"wrote {json_path}")
+    if plot_path:
+        from kvtier.replay import plot
+
+        plot(report, plot_path)
+        console.print(f"wrote {plot_path}")
+    return report
+
+
+def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerModel, servers: int) -> dict[str, Any]:
+    jct = [rp.finish[t.trace_id] - t.arrival_s for rp, _ in reports for t in rp.traces]
+    start = min(t.arrival_s for rp, _ in reports for t in rp.traces)
+    end = max(max(rp.finish.values()) for rp, _ in reports)
+    makespan = end - start
+    tasks = len(jct)
+    out: dict[str, Any] = {
+        "jct_s": {"p50": float(np.percentile(jct, 50)), "p99": float(np.percentile(jct, 99)), "mean": float(np.mean(jct))},
+        "makespan_s": makespan,
+        "tasks_per_hour": tasks / makespan * 3600 if makespan > 0 else 0.0,
+        "dollars_per_task": servers * server.dollars_per_hour * makespan / 3600 / max(1, tasks),
+        "prefill_tokens": {k: sum(r["prefill_tokens"][k] for _, r in reports) for k in ("computed", "total")},
+        "hits": {k: sum(r["hits"][k] for _, r in reports) for k in ("device", "dram", "nvme")},
+        "bytes_moved": {},
+    }
+    for _, r in reports:
+        for k, v in r["bytes_moved"].items():
+            out["bytes_moved"][k] = out["bytes_moved"].get(k, 0) + v
+    out["nvme_bytes_written_per_task"] = out["bytes_moved"].get("dram->nvme", 0) / max(1, tasks)
+    tps = [r["trace_policy"] for _, r in reports if "trace_policy" in r]
+    if tps:
+        late = [x for t in tps for x in t["prefetch_lateness_all_s"]]
+        la = np.asarray(late) if late else np.zeros(1)
+        out["trace_policy"] = {
+            "decisions": {k: sum(t["decisions"][k] for t in tps) for k in tps[0]["decisions"]},
+            "prefetch_lateness_s": {"count": len(late), "late": int((la > 0).sum()) if late else 0,
+                                    "p50": float(np.percentile(la, 50)), "p90": float(np.percentile(la, 90)),
+                                    "p99": float(np.percentile(la, 99)), "max": float(la.max())},
+            "prefetch_lateness_all_s": late[:5000],
+            "late_recompute_tokens": sum(t["late_recompute_tokens"] for t in tps),
+            "tail_tokens_reused": sum(t["tail_tokens_reused"] for t in tps),
+        }
+    return out
