@@ -38,18 +38,21 @@ def test_policies_agree_on_tokens_and_order_on_prefill(model_dir: Path, tmp_path
     traces = small_workload(256)
     wl.dump(traces, path)
     out = tmp_path / "r.json"
-    report = replay.run(model_dir=str(model_dir), workload=str(path), json_path=str(out),
+    report = replay.run(model_dir=str(model_dir), workload=str(path), json_path=str(out), policies=["all"],
                         device_budget=8 * 2 * 2 * 2 * 16 * 4 * 16, progress=False, nvme_dir=str(tmp_path / "nvme"))
     assert report["tokens_identical"]
     p = report["policies"]
     comp = {k: v["prefill_tokens"]["computed"] for k, v in p.items()}
-    assert comp["tiered"] <= comp["device-lru"] < comp["none"] == p["none"]["prefill_tokens"]["total"]
+    assert comp["trace-aware"] <= comp["tiered"] <= comp["device-lru"] < comp["none"] == p["none"]["prefill_tokens"]["total"]
+    ta = p["trace-aware"]["trace_policy"]
+    assert sum(ta["decisions"].values()) == sum(len(t.steps) - 1 for t in traces)  # one per tool call
+    assert ta["tail_tokens_reused"] > 0 and "cost_model" in p["trace-aware"]
     for t in traces:
         gen = p["tiered"]["tokens"][t.trace_id]
         assert [len(x) for x in gen] == [s.generate for s in t.steps]
     data = json.loads(out.read_text())
-    assert set(data["policies"]) == {"none", "device-lru", "tiered"}
-    for k in ("jct_s", "tasks_per_hour", "prefill_tokens", "hits", "bytes_moved", "tokens"):
+    assert set(data["policies"]) == {"none", "device-lru", "tiered", "trace-aware"}
+    for k in ("jct_s", "tasks_per_hour", "prefill_tokens", "hits", "bytes_moved", "tokens", "nvme_bytes_written_per_task"):
         assert k in data["policies"]["tiered"]
 
 

@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: ``kvtier info``, ``kvtier replay``, ``kvtier bench copy``, ``kvtier bench nvme``."""
+"""The ``kvtier`` command: ``kvtier info``, ``kvtier replay``, ``kvtier simulate``, ``kvtier bench copy|nvme``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kvtier.errors import KvtierError
+from kvtier.errors import InvalidArgumentError, KvtierError
 
 
 def _positive_int(text: str) -> int:
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--model", default=None, help="local transformers causal-LM folder (default: a built-in tiny model)")
     rp.add_argument("--workload", default=None, help="JSONL workload (default: a generated agent workload)")
     rp.add_argument("--policy", action="append", default=None,
-                    help="none, device-lru, tiered, or all (repeatable; default: all)")
+                    help="none, device-lru, tiered, trace-aware, or all (repeatable; default: trace-aware)")
     rp.add_argument("--json", metavar="PATH", help="write the report as JSON")
     rp.add_argument("--plot", metavar="PNG", help="write a plot of JCT, prefill and hits per policy")
     rp.add_argument("--device-budget", type=_size, default=None, help="device tier size (default: 1/10 of the workload's KV)")
@@ -58,6 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
     rp.add_argument("--write-workload", metavar="PATH", help="write the generated workload as JSONL and exit")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sm = sub.add_parser("simulate", help="SIMULATION: the cache policies at fleet scale on a modelled GPU server")
+    sm.add_argument("--server", default="h100-llama3-8b", help="server model preset (see --list-servers)")
+    sm.add_argument("--list-servers", action="store_true", help="print the server model presets and exit")
+    sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a server model field, e.g. --set hbm_kv_gib=20 (repeatable)")
+    sm.add_argument("--servers", type=_positive_int, default=8, help="servers in the fleet (default 8)")
+    sm.add_argument("--traces", type=_positive_int, default=1000, help="root traces (subagents come on top)")
+    sm.add_argument("--policy", action="append", default=None,
+                    help="none, device-lru, tiered, trace-aware, or all (repeatable; default: all)")
+    sm.add_argument("--device-budget", type=_size, default=None,
+                    help="HBM for cached KV per server (default: the server model's hbm_kv_gib)")
+    sm.add_argument("--block-tokens", type=_positive_int, default=64, help="tokens per KV block (default 64)")
+    sm.add_argument("--workload", default=None, help="JSONL workload (default: the fleet-scale agent workload)")
+    sm.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
+    sm.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    sm.add_argument("--plot", metavar="PNG", help="write a plot of JCT, prefill and hits per policy")
+    sm.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = sub.add_parser("bench", help="microbenchmarks (kvtier against an anchor, same run)")
     bsub = bench.add_subparsers(dest="suite", required=True)
@@ -85,6 +103,38 @@ def build_parser() -> argparse.ArgumentParser:
     nvme.add_argument("--quick", action="store_true", help="small and fast (64 MiB, 1 rep): a smoke run")
     nvme.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kvtier import sim
+    from kvtier import workload as wl
+
+    if args.list_servers:
+        for name, m in sim.PRESETS.items():
+            print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(m).items() if k != "name"))
+        return 0
+    if args.server not in sim.PRESETS:
+        raise InvalidArgumentError(f"unknown server model {args.server!r}; presets: {', '.join(sim.PRESETS)}")
+    server = sim.PRESETS[args.server]
+    fields = {f.name: f.type for f in dataclasses.fields(server)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key == "name":
+            raise InvalidArgumentError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
+                                       f"{', '.join(k for k in fields if k != 'name')}")
+        try:
+            cast = str if key == "model" else (int if key == "kv_bytes_per_token" else float)
+            server = dataclasses.replace(server, **{key: cast(value)})
+        except ValueError:
+            raise InvalidArgumentError(f"--set {item!r}: {value!r} is not a number") from None
+    hbm = None if args.device_budget is None else args.device_budget / 2**30
+    workload = wl.load(args.workload) if args.workload else None
+    sim.simulate(server=server, servers=args.servers, traces=args.traces, policies=args.policy, seed=args.seed,
+                 workload=workload, block_tokens=args.block_tokens, hbm_kv_gib=hbm, json_path=args.json,
+                 plot_path=args.plot, progress=not args.no_progress)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                        nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed, traces=args.traces,
                        progress=not args.no_progress)
             return 0
+        if args.command == "simulate":
+            return _simulate(args)
         if args.command == "bench" and args.suite == "copy":
             from kvtier.benchmarks import copy
 

@@ -273,8 +273,8 @@ def render_table(results: dict[str, dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    cols = ("policy", "JCT p50 s", "JCT p99 s", "tasks/hour", "prefill computed", "hits dev/dram/nvme",
-            "NVMe written/task", "decisions keep/dram/nvme/drop", "prefetch late (n, p90 ms)")
+    cols = ("policy", "JCT p50 s", "JCT p99 s", "tasks/h", "prefill computed", "hits dev/dram/nvme",
+            "NVMe writes/task", "keep/dram/nvme/drop", "late/prefetches, p90 ms")
     dollars = any("dollars_per_task" in r for r in results.values())
     for col in cols + (("$/task",) if dollars else ()):
         table.add_column(col, justify="left" if col == "policy" else "right")
@@ -289,4 +289,6 @@ def render_table(results: dict[str, dict[str, Any]], title: str) -> None:
                       f"{pt['computed']}/{pt['total']} ({pt['computed'] / max(1, pt['total']):.0%})",
                       f"{h['device']}/{h['dram']}/{h['nvme']}", f"{r['nvme_bytes_written_per_task'] / 2**20:.1f} MiB",
                       dec, late, *extra)
-    Console().print(table)
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 200).print(table)

@@ -18,9 +18,10 @@ the device needs the room. So the policy keeps the KV when the expected gap is s
 ``keep_margin`` round trips to DRAM, or when the device has room to spare (``fill_keep``) and
 keeping it would not push the blocks held for kept traces over ``keep_share`` of the device.
 Otherwise it demotes to the cheapest tier whose round trip fits in the gap: DRAM, unless DRAM is
-itself under pressure and NVMe's round trip fits too. When no tier's round trip fits, the restore
-would be late by ``round_trip - gap``; that is compared with recomputing the private tokens and
-the cheaper one wins.
+itself under pressure and NVMe's round trip fits too. When no tier's round trip fits (a short gap
+on a device so full, ``critical_fill``, that keeping is not an option), the restore would be late
+by ``round_trip - gap``; that is compared with recomputing the private tokens (drop) and the
+cheaper one wins.
 
 Note [Prefetch timing]: a demoted trace's restore starts ``prefetch_safety`` restore times before
 its expected resume, measured from a low estimate of the gap (the hint as given; a learned gap's
@@ -174,6 +175,7 @@ class TraceAwarePolicy:
     dram_pressure: float = 0.8
     prefetch_safety: float = 1.5
     ttl_factor: float = 2.0
+    critical_fill: float = 0.98
 
     def decide(self, *, private_blocks: int, private_tokens: int, gap_s: float, gap_low_s: float,
                gap_source: str, tiers: TierState, cost: CostModel) -> Decision:
@@ -190,7 +192,7 @@ class TraceAwarePolicy:
             return _with(keep, "no private blocks")
         if not tiers.has_dram:
             return _with(keep, "no tier below the device")
-        if gap_s <= self.keep_margin * cost.round_trip_s(b, DRAM):
+        if gap_s <= self.keep_margin * cost.round_trip_s(b, DRAM) and tiers.device_fill < self.critical_fill:
             return _with(keep, "gap shorter than a round trip to DRAM")
         if tiers.device_fill < self.fill_keep and tiers.kept_blocks + b <= self.keep_share * tiers.device_blocks:
             return _with(keep, "the device has room")

@@ -25,7 +25,7 @@ import numpy as np
 
 import kvtier
 from kvtier import workload as wl
-from kvtier.driver import POLICIES, PolicyReplay, PolicyRunner, check_policies, render_table
+from kvtier.driver import DEFAULT_POLICY, POLICIES, PolicyReplay, PolicyRunner, check_policies, render_table
 from kvtier.errors import InvalidArgumentError
 from kvtier.trace import calibrate
 from kvtier.workload import Trace
@@ -155,7 +155,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    chosen = check_policies(policies)
+    chosen = check_policies(policies) if policies else [DEFAULT_POLICY]
     if model_dir is None:
         cache_dir = Path(os.environ.get("KVTIER_CACHE_DIR", Path.home() / ".cache" / "kvtier"))
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -281,6 +281,9 @@ class Trace:
         nf = seq_len // bt
         keys = cache.keys_for(tokens[: nf * bt])
         stored = cache.store_keys(keys, src, np.arange(nf))
+        if self._match is not None:  # before the old tail is dropped: the match pins it
+            cache.release(self._match)
+            self._match = None
         # Ownership: ref the new keys, unref what this trace no longer holds.
         same = min(len(self._keys), nf)
         if not np.array_equal(keys[:same], self._keys[:same]):
@@ -299,9 +302,6 @@ class Trace:
                 self._tail_key = key
                 self._tail_tokens = tokens[nf * bt: seq_len].copy()
                 stored += 1
-        if self._match is not None:
-            cache.release(self._match)
-            self._match = None
         return stored
 
     # ------------------------------------------------------------------ tool calls

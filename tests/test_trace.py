@@ -1,0 +1,353 @@
+"""Traces and the trace-aware policy: lifecycle, ownership, gap-aware placement, prefetch, and the
+fleet simulator that drives the same code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvtier
+from kvtier import _core
+from kvtier.cache import DEVICE, DRAM, NVME, TieredCache
+from kvtier.keys import make_salt
+from kvtier.policy import Action, CostModel, GapEstimator, TierState, TraceAwarePolicy
+from kvtier.trace import BackgroundLane, TraceManager, TraceState
+
+torch = pytest.importorskip("torch")
+L = kvtier.KVLayout(num_layers=2, kv_heads=2, head_dim=16, block_tokens=4, dtype="float32")
+SALT = make_salt("tiny", L)
+BT = L.block_tokens
+
+
+def cost(bw: float = 1e6, recompute: float = 1e-3) -> CostModel:
+    """Slow links (1 MB/s: a 1 KiB block takes ~1 ms each way) so that gaps of seconds are long."""
+    links = ("device->dram", "dram->device", "dram->nvme", "nvme->dram", "device->engine", "dram->engine")
+    return CostModel(L.block_bytes, BT, {k: bw for k in links}, recompute)
+
+
+def make(tmp_path: Path, device: int = 32, dram: int = 64, nvme: int = 0) -> TieredCache:
+    return TieredCache(L, SALT, device_bytes=device * L.block_bytes, dram_bytes=dram * L.block_bytes,
+                       nvme_dir=str(tmp_path / "nvme") if nvme else None, nvme_bytes=nvme * L.block_bytes)
+
+
+def engine_kv(seed: int = 0):
+    kv = torch.randn(64, 2, 2, BT, 2, 16, generator=torch.Generator().manual_seed(seed))  # blocks_first
+    return kv, kvtier.register_kv(kv, L, "blocks_first")
+
+
+def run_step(tr, tokens: np.ndarray, now: float, seed: int):
+    """One engine step: load what is cached into a fresh engine KV, 'compute' the rest (fill with
+    known data), then hand the KV to end_step. Returns (hit tokens, engine KV)."""
+    plan = tr.begin_step(tokens, now=now)
+    kv, reg = engine_kv(seed)
+    tr._mgr.cache.load(plan.match, reg, np.arange(plan.match.hit_blocks)).wait()
+    seq = len(tokens)
+    tr.end_step(tokens, reg, seq, now=now)
+    return plan.hit_tokens, kv
+
+
+# ------------------------------------------------------------------------------ the index's refs
+
+
+def test_index_refs_and_shared_keys_are_evicted_last() -> None:
+    ix = _core.BlockIndex()
+    keys = np.arange(12, dtype=np.uint64).reshape(6, 2)
+    ix.insert(keys, 0, np.arange(6, dtype=np.int32))  # key 0 most recent ... key 5 least
+    ix.ref(keys[4:])  # keys 4, 5: owned by two traces
+    ix.ref(keys[4:])
+    ix.ref(keys[:1])
+    assert ix.refs(keys).tolist() == [1, 0, 0, 0, 2, 2]
+    plain, _, _ = ix.victims(0, 3)
+    shared_last, _, n = ix.victims(0, 6, shared_refs=2)
+    assert plain[:, 1].tolist() == [11, 9, 7]  # LRU: keys 5, 4, 3
+    assert n == 6 and shared_last[:, 1].tolist() == [7, 5, 3, 1, 11, 9]  # unshared first, then 5, 4
+    with pytest.raises(kvtier.InvalidArgumentError, match="no trace reference"):
+        ix.unref(keys[1:2])
+    with pytest.raises(kvtier.InvalidArgumentError, match="no trace reference"):
+        ix.unref(np.concatenate([keys[:1], keys[:1]]))  # one ref, dropped twice: refused, nothing changes
+    assert ix.refs(keys[:1]).tolist() == [1]
+    tiers, blocks, pins = ix.locate(np.concatenate([keys[:2], [[99, 99]]]).astype(np.uint64))
+    assert tiers.tolist() == [0, 0, 255] and blocks.tolist() == [0, 1, -1] and pins.tolist() == [0, 0, 0]
+
+
+# ------------------------------------------------------------------------------ the policy alone
+
+
+def decide(gap: float, fill: float = 0.9, dram_fill: float = 0.1, blocks: int = 100, **kw):
+    tiers = TierState(device_blocks=1000, device_fill=fill, kept_blocks=kw.pop("kept", 0), dram_fill=dram_fill,
+                      has_dram=True, has_nvme=kw.pop("nvme", True))
+    return TraceAwarePolicy().decide(private_blocks=blocks, private_tokens=blocks * BT, gap_s=gap, gap_low_s=gap,
+                                     gap_source="hint", tiers=tiers, cost=kw.pop("cost", cost()))
+
+
+def test_policy_keeps_short_gaps_and_demotes_long_ones() -> None:
+    c = cost()
+    rt = c.round_trip_s(100, DRAM)  # 100 blocks of 1 KiB both ways at 1 MB/s: ~0.2 s
+    short, long_ = decide(rt), decide(100 * rt)
+    assert short.action is Action.KEEP and "round trip" in short.reason and short.ttl_s > rt
+    assert long_.action is Action.DRAM and long_.prefetch_in_s is not None
+    # the prefetch starts early enough to finish before the expected resume
+    assert long_.prefetch_in_s + 1.5 * c.restore_s(100, DRAM) <= 100 * rt
+    # a device with room keeps even long gaps; a full DRAM sends long gaps to NVMe
+    assert decide(100 * rt, fill=0.1).action is Action.KEEP
+    assert decide(100 * rt, dram_fill=0.95).action is Action.NVME
+    # a critically full device and a gap no round trip fits: drop when recompute is cheap,
+    # else restore late
+    assert decide(0.5 * rt, fill=0.99, cost=cost(recompute=1e-7)).action is Action.DROP
+    late = decide(0.5 * rt, fill=0.99, cost=cost(recompute=1.0))
+    assert late.action is Action.DRAM and late.costs["dram"] == pytest.approx(0.5 * rt)
+    with pytest.raises(kvtier.InvalidArgumentError):
+        decide(-1.0)
+
+
+def test_gap_estimator_hint_then_learned_then_fleet() -> None:
+    g = GapEstimator(prior_s=7.0)
+    assert g.estimate("build", None) == (7.0, 0.0, "prior")
+    assert g.estimate("build", 3.0)[2] == "hint"
+    for x in (10.0, 20.0, 30.0, 40.0):
+        g.observe("build", x)
+    gap, low, src = g.estimate("build", None)
+    assert src == "learned" and gap == 25.0 and low < gap
+    assert g.estimate("grep", None)[2] == "fleet"
+
+
+def test_cost_model_rejects_bad_numbers() -> None:
+    with pytest.raises(kvtier.InvalidArgumentError, match="unknown link"):
+        CostModel(L.block_bytes, BT, {"gpu->moon": 1.0}, 0.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="must be > 0"):
+        CostModel(L.block_bytes, BT, {"device->dram": 0.0}, 0.0)
+
+
+# ------------------------------------------------------------------------------ traces on a real cache
+
+
+def two_traces(tmp_path: Path, device: int = 32):
+    """Traces a and b share a 4-block prefix; each then has 3 private blocks and a 2-token tail."""
+    cache = make(tmp_path, device=device, dram=64)
+    mgr = TraceManager(cache, cost())
+    shared = np.arange(4 * BT)
+    ta, tb = mgr.open("a"), mgr.open("b")
+    ctx_a = np.concatenate([shared, 1000 + np.arange(3 * BT + 2)])
+    ctx_b = np.concatenate([shared, 2000 + np.arange(3 * BT + 2)])
+    _, kv_a = run_step(ta, ctx_a, 0.0, seed=1)
+    run_step(tb, ctx_b, 0.0, seed=2)
+    return cache, mgr, ta, tb, ctx_a, ctx_b, kv_a
+
+
+def test_long_gap_demotes_private_blocks_and_prefetches_them_before_resume(tmp_path: Path) -> None:
+    cache, mgr, ta, tb, ctx_a, _, kv_a = two_traces(tmp_path, device=16)
+    assert ta.num_blocks == 8 and ta.tokens_cached == len(ctx_a)  # 7 full + the tail
+    assert cache.index.refs(ta.owned_keys()).tolist() == [2] * 4 + [1] * 4
+    d = ta.tool_start(expected_gap_s=60.0, tool="build", now=1.0)
+    assert d.action is Action.DRAM and ta.state is TraceState.PARKED
+    # the private blocks (3 full + tail) went to DRAM; the shared prefix stayed on the device
+    assert ta.tiers() == {"device": 4, "dram": 4, "nvme": 0, "missing": 0}
+    mgr.tick(1.0 + d.prefetch_in_s)  # the prefetch is due before the resume
+    assert ta.tiers()["device"] == 8
+    ta.tool_end(now=61.0)
+    assert ta.state is TraceState.RESUMED
+    more = np.concatenate([ctx_a, 3000 + np.arange(5)])
+    plan = ta.begin_step(more, now=61.0)
+    assert plan.hit_tokens == len(ctx_a)  # every token, the partial tail included
+    out, reg = engine_kv(seed=9)
+    cache.load(plan.match, reg, np.arange(plan.match.hit_blocks)).wait()
+    assert torch.equal(out[:8], kv_a[:8])  # the bytes came back exactly
+    ta.end_step(more, reg, len(more), now=61.0)
+    snap = mgr.metrics.snapshot()
+    assert snap["decisions"]["dram"] == 1 and snap["prefetch_lateness_s"]["count"] == 1
+    assert snap["prefetch_lateness_s"]["late"] == 0 and snap["tail_tokens_reused"] == 2
+
+
+def test_short_gap_keeps_kv_on_the_device(tmp_path: Path) -> None:
+    cache, mgr, ta, tb, ctx_a, _, _ = two_traces(tmp_path, device=16)
+    rt = mgr.cost.round_trip_s(4, DRAM)
+    d = ta.tool_start(expected_gap_s=rt, tool="read_file", now=1.0)
+    assert d.action is Action.KEEP and ta.state is TraceState.TOOL
+    assert ta.tiers() == {"device": 8, "dram": 0, "nvme": 0, "missing": 0}
+    # kept blocks are leased: pinned, so other traffic cannot push them out during the gap
+    assert (cache.locate(ta.owned_keys())[1] > 0).all()
+    ta.tool_end(now=1.0 + rt)
+    assert ta.begin_step(np.concatenate([ctx_a, [7]]), now=1.0 + rt).hit_tokens == len(ctx_a)
+
+
+def test_the_hint_decides_where_the_kv_goes(tmp_path: Path) -> None:
+    """Same traces, same state, only the hint differs: the placement must differ with it."""
+    placements = {}
+    for hint in (0.001, 600.0):
+        cache, mgr, ta, *_ = two_traces(tmp_path / str(hint), device=16)
+        ta.tool_start(expected_gap_s=hint, now=1.0)
+        placements[hint] = ta.tiers()
+    assert placements[0.001]["device"] == 8
+    assert placements[600.0]["device"] == 4 and placements[600.0]["dram"] == 4
+
+
+def test_late_restore_recomputes_or_waits(tmp_path: Path) -> None:
+    cache, mgr, ta, tb, ctx_a, _, _ = two_traces(tmp_path, device=16)
+    d = ta.tool_start(expected_gap_s=60.0, now=1.0)
+    assert d.action is Action.DRAM
+    ta.tool_end(now=2.0)  # the tool came back early: the restore starts now and is late
+    ta._restore = (2.0, 12.0)  # a slow restore: 10 s on the lane
+    mgr.cost.recompute_s_per_token = 1e-6  # recomputing is far cheaper than waiting
+    plan = ta.begin_step(np.concatenate([ctx_a, [5]]), now=2.0)
+    assert plan.late_recompute_tokens > 0 and plan.hit_tokens < len(ctx_a)
+    assert mgr.metrics.prefetch_lateness_s == [10.0]
+    ta.end_step(np.concatenate([ctx_a, [5]]), engine_kv()[1], len(ctx_a) + 1, now=3.0)
+    # dear recompute: begin_step says to wait instead, and pins nothing
+    d = ta.tool_start(expected_gap_s=60.0, now=4.0)
+    ta.tool_end(now=5.0)
+    ta._restore = (5.0, 9.0)
+    mgr.cost.recompute_s_per_token = 10.0
+    plan = ta.begin_step(np.concatenate([ctx_a, [5, 6]]), now=5.0)
+    assert plan.match is None and plan.wait_s == pytest.approx(4.0)
+    assert ta.begin_step(np.concatenate([ctx_a, [5, 6]]), now=9.0).match is not None
+
+
+def test_fork_shares_blocks_and_close_releases_them(tmp_path: Path) -> None:
+    cache, mgr, ta, tb, ctx_a, _, _ = two_traces(tmp_path)
+    child = ta.fork("a.sub")
+    keys = ta.owned_keys()
+    assert np.array_equal(child.owned_keys(), keys)
+    assert cache.index.refs(keys).tolist() == [3] * 4 + [2] * 4
+    ta.close()
+    assert cache.index.refs(keys).tolist() == [2] * 4 + [1] * 4
+    # the child resumes from the parent's context, tail included
+    assert child.begin_step(np.concatenate([ctx_a, [1, 2]]), now=1.0).hit_tokens == len(ctx_a)
+    child.end_step(np.concatenate([ctx_a, [1, 2]]), engine_kv()[1], len(ctx_a) + 2)
+    child.close()
+    tail = keys[-1:]
+    assert cache.index.refs(tail).tolist() == [0] and cache.locate(tail)[0].tolist() == [255]  # freed
+    assert cache.locate(keys[:7])[0].max() < 255  # full blocks stay cached for others to match
+    ta.close()  # idempotent
+
+
+def test_lifecycle_errors_are_clear(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    mgr = TraceManager(cache, cost())
+    t = mgr.open("x")
+    with pytest.raises(kvtier.InvalidArgumentError, match="already open"):
+        mgr.open("x")
+    with pytest.raises(kvtier.InvalidArgumentError, match="non-empty string"):
+        mgr.open("")
+    with pytest.raises(kvtier.InvalidArgumentError, match="not running"):
+        t.end_step(np.arange(8), engine_kv()[1], 8)
+    with pytest.raises(kvtier.InvalidArgumentError, match="tool_start follows a step"):
+        t.tool_start(1.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="not waiting on a tool"):
+        t.tool_end()
+    with pytest.raises(kvtier.InvalidArgumentError, match="at least one token"):
+        t.begin_step([])
+    t.begin_step(np.arange(9), now=0.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="already running"):
+        t.begin_step(np.arange(9), now=0.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="seq_len"):
+        t.end_step(np.arange(9), engine_kv()[1], 99)
+    t.end_step(np.arange(9), engine_kv()[1], 9)
+    with pytest.raises(kvtier.InvalidArgumentError, match="expected_gap_s"):
+        t.tool_start(-3.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="ttl_s"):
+        t.retain(0)
+    t.close()
+    with pytest.raises(kvtier.InvalidArgumentError, match="closed"):
+        t.begin_step(np.arange(9))
+    with pytest.raises(kvtier.InvalidArgumentError, match="no open trace"):
+        mgr.get("x")
+    with pytest.raises(kvtier.InvalidArgumentError, match="TieredCache"):
+        TraceManager(object(), cost())  # type: ignore[arg-type]
+
+
+def test_retain_lease_expires(tmp_path: Path) -> None:
+    cache, mgr, ta, *_ = two_traces(tmp_path)
+    assert ta.retain(5.0, now=0.0) == 8
+    assert (cache.locate(ta.owned_keys())[1] > 0).all()
+    mgr.tick(4.0)
+    assert (cache.locate(ta.owned_keys())[1] > 0).all()
+    mgr.tick(5.0)
+    assert (cache.locate(ta.owned_keys())[1] == 0).all() and mgr.metrics.expired_leases == 1
+
+
+def test_long_gap_under_dram_pressure_goes_to_nvme_and_back(tmp_path: Path) -> None:
+    cache = make(tmp_path, device=16, dram=16, nvme=64)
+    mgr = TraceManager(cache, cost(), policy=TraceAwarePolicy(dram_pressure=0.0, fill_keep=0.0))  # any use is pressure
+    t = mgr.open("n")
+    ctx = np.arange(6 * BT + 1)
+    _, kv = run_step(t, ctx, 0.0, seed=3)
+    d = t.tool_start(expected_gap_s=600.0, now=1.0)
+    assert d.action is Action.NVME and t.tiers()["nvme"] == 7
+    mgr.tick(601.0)
+    assert t.tiers()["device"] == 7
+    plan = t.begin_step(np.concatenate([ctx, [1]]), now=601.0)
+    out, reg = engine_kv(seed=8)
+    cache.load(plan.match, reg, np.arange(plan.match.hit_blocks)).wait()
+    assert plan.hit_tokens == len(ctx) and torch.equal(out[:7], kv[:7])
+
+
+def test_background_lane_fills_idle_stretches_in_time_order() -> None:
+    lane = BackgroundLane(measure=lambda fn: (1.0, fn()))
+    assert lane.run(10.0, lambda: None)[:2] == (10.0, 11.0)
+    assert lane.run(5.0, lambda: None)[:2] == (5.0, 6.0)  # issued later, earlier in time: fits before
+    assert lane.run(5.5, lambda: None)[:2] == (6.0, 7.0)
+    assert lane.run(10.5, lambda: None)[:2] == (11.0, 12.0)
+    assert lane.busy_s == 4.0
+
+
+# ------------------------------------------------------------------------------ the simulator
+
+
+def test_simulate_orders_policies_and_reports_cost(tmp_path: Path) -> None:
+    from kvtier import sim
+
+    out = tmp_path / "s.json"
+    rep = sim.simulate(traces=40, servers=2, hbm_kv_gib=4, progress=False, quiet=True, json_path=str(out))
+    assert rep["kind"].startswith("SIMULATION") and out.exists()
+    p = rep["policies"]
+    comp = {k: v["prefill_tokens"]["computed"] for k, v in p.items()}
+    assert comp["trace-aware"] <= comp["tiered"] < comp["device-lru"] < comp["none"]
+    assert p["trace-aware"]["jct_s"]["p50"] <= p["none"]["jct_s"]["p50"]
+    for v in p.values():
+        assert v["dollars_per_task"] > 0 and v["tasks_per_hour"] > 0
+    dec = p["trace-aware"]["trace_policy"]["decisions"]
+    assert dec["dram"] + dec["nvme"] > 0 and dec["keep"] > 0
+
+
+def test_simulate_bad_input() -> None:
+    from kvtier import sim
+
+    with pytest.raises(kvtier.InvalidArgumentError, match="unknown server model"):
+        sim.simulate(server="tpu-v9", traces=1, progress=False, quiet=True)
+    with pytest.raises(kvtier.InvalidArgumentError, match="unknown policy"):
+        sim.simulate(traces=1, policies=["clairvoyant"], progress=False, quiet=True)
+    with pytest.raises(kvtier.InvalidArgumentError, match="must be > 0"):
+        sim.ServerModel(**{**sim.PRESETS["h100-llama3-8b"].__dict__, "pcie_gbps": 0})
+
+
+def test_simulate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from kvtier.cli import main
+
+    out = tmp_path / "s.json"
+    assert main(["simulate", "--traces", "6", "--servers", "2", "--set", "hbm_kv_gib=2", "--no-progress",
+                 "--json", str(out), "--policy", "tiered", "--policy", "trace-aware"]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"tiered", "trace-aware"} and data["server"]["hbm_kv_gib"] == 2
+    assert "SIMULATION" in capsys.readouterr().out
+    assert main(["simulate", "--set", "pcie_gbps=fast", "--no-progress"]) == 2
+    assert "not a number" in capsys.readouterr().err
+
+
+def test_workload_tool_and_hint_round_trip(tmp_path: Path) -> None:
+    from kvtier import workload as wl
+
+    trs = wl.default_workload(256, seed=2, traces=4)
+    assert {s.tool for t in trs for s in t.steps} <= {x[0] for x in wl.DEFAULT_TOOLS}
+    assert any(s.expected_gap_s is not None for t in trs for s in t.steps)
+    wl.dump(trs, tmp_path / "w.jsonl")
+    again = wl.load(tmp_path / "w.jsonl", vocab_size=256)
+    assert [(s.tool, s.expected_gap_s) for t in again for s in t.steps] == \
+        [(s.tool, s.expected_gap_s) for t in trs for s in t.steps]
+    (tmp_path / "bad.jsonl").write_text('{"trace_id": "a", "steps": [{"append": [1], "generate": 2, '
+                                        '"expected_gap_s": "soon"}]}\n')
+    with pytest.raises(kvtier.InvalidArgumentError, match="expected_gap_s"):
+        wl.load(tmp_path / "bad.jsonl")
