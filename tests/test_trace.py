@@ -351,3 +351,18 @@ def test_workload_tool_and_hint_round_trip(tmp_path: Path) -> None:
                                         '"expected_gap_s": "soon"}]}\n')
     with pytest.raises(kvtier.InvalidArgumentError, match="expected_gap_s"):
         wl.load(tmp_path / "bad.jsonl")
+
+
+def test_trace_metrics_export_to_prometheus(tmp_path: Path) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from kvtier.metrics import register_traces
+
+    cache, mgr, ta, *_ = two_traces(tmp_path, device=16)
+    ta.tool_start(expected_gap_s=60.0, now=1.0)
+    registry = prometheus_client.CollectorRegistry()
+    register_traces(mgr, registry, name="t")
+    text = prometheus_client.generate_latest(registry).decode()
+    assert 'kvtier_trace_decisions_total{action="dram",cache="t"} 1.0' in text
+    assert 'kvtier_trace_gap_sources_total{cache="t",source="hint"} 1.0' in text
+    assert 'kvtier_trace_demoted_blocks_total{cache="t"} 4.0' in text
+    assert 'kvtier_trace_open{cache="t"} 2.0' in text

@@ -28,11 +28,20 @@ from kvtier.layout import LAYOUT_KINDS, KVLayout
 from kvtier.memory import HostPool, KVRegistration, PoolStats, register_kv, register_kv_views
 from kvtier import keys  # noqa: F401
 from kvtier.cache import TieredCache
+from kvtier.policy import Action, CostModel, GapEstimator, TraceAwarePolicy
+from kvtier.trace import Trace, TraceManager, TraceState
 from kvtier.nvme import NvmeTier
 from kvtier.staging import kv_to_nvme, nvme_to_kv
 from kvtier.transfer import CopyEngine, TransferHandle, default_engine
 
 __all__ = [
+    "Action",
+    "CostModel",
+    "GapEstimator",
+    "Trace",
+    "TraceAwarePolicy",
+    "TraceManager",
+    "TraceState",
     "BlockStateError",
     "BusyError",
     "ClosedError",

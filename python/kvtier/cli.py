@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
     sm.add_argument("--json", metavar="PATH", help="write the report as JSON")
     sm.add_argument("--plot", metavar="PNG", help="write a plot of JCT, prefill and hits per policy")
+    sm.add_argument("--check-replay", metavar="REPLAY_JSON",
+                    help="simulate a kvtier replay report's workload on a model of the machine it ran on, and "
+                         "compare with its real figures")
     sm.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = sub.add_parser("bench", help="microbenchmarks (kvtier against an anchor, same run)")
@@ -114,6 +117,9 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.list_servers:
         for name, m in sim.PRESETS.items():
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(m).items() if k != "name"))
+        return 0
+    if args.check_replay:
+        sim.check_against_replay(args.check_replay, json_path=args.json, progress=not args.no_progress)
         return 0
     if args.server not in sim.PRESETS:
         raise InvalidArgumentError(f"unknown server model {args.server!r}; presets: {', '.join(sim.PRESETS)}")

@@ -14,6 +14,18 @@ cache's counters at scrape time (no background thread, nothing on the hot path);
 - ``kvtier_cache_prefill_tokens_saved_total{cache}``
 - ``kvtier_cache_blocks{cache, tier}``: blocks held now (gauge)
 - ``kvtier_cache_transfer_latency_seconds{cache, path, quantile}``: p50/p99 (gauge)
+
+``register_traces(manager, registry=None, name="default")`` does the same for a
+:class:`~kvtier.TraceManager` (the trace-aware policy):
+
+- ``kvtier_trace_decisions_total{cache, action}``: tool-start decisions (keep, dram, nvme, drop)
+- ``kvtier_trace_decision_reasons_total{cache, reason}``
+- ``kvtier_trace_gap_sources_total{cache, source}``: hint, learned, fleet, prior
+- ``kvtier_trace_prefetch_lateness_seconds{cache, quantile}``: p50/p90/p99/max (gauge), and
+  ``kvtier_trace_prefetches_total``, ``kvtier_trace_late_prefetches_total``
+- ``kvtier_trace_{prefetched,demoted,dropped}_blocks_total``, ``kvtier_trace_late_recompute_tokens_total``,
+  ``kvtier_trace_tail_tokens_reused_total``, ``kvtier_trace_expired_leases_total``
+- ``kvtier_trace_open{cache}``, ``kvtier_trace_leased_blocks{cache}`` (gauges)
 """
 
 from __future__ import annotations
@@ -64,6 +76,54 @@ def register_cache(cache: Any, registry: Any = None, name: str = "default") -> A
                 lat.add_metric([name, path, "0.5"], d["p50_ms"] / 1e3)
                 lat.add_metric([name, path, "0.99"], d["p99_ms"] / 1e3)
             yield lat
+
+    collector = _Collector()
+    (registry if registry is not None else REGISTRY).register(collector)
+    return collector
+
+
+def register_traces(manager: Any, registry: Any = None, name: str = "default") -> Any:
+    """Register a scrape-time collector for a :class:`~kvtier.TraceManager`; returns it."""
+    try:
+        from prometheus_client import REGISTRY
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    except ImportError:
+        raise UnavailableError("Prometheus export needs prometheus-client: pip install prometheus-client") from None
+
+    class _Collector:
+        def collect(self) -> Any:
+            snap = manager.metrics.snapshot()
+            for metric, key, label, help_text in (
+                    ("decisions", "decisions", "action", "Tool-start placement decisions, by action"),
+                    ("decision_reasons", "reasons", "reason", "Tool-start placement decisions, by reason"),
+                    ("gap_sources", "gap_sources", "source", "Where the expected gap came from")):
+                c = CounterMetricFamily(f"kvtier_trace_{metric}", help_text, labels=["cache", label])
+                for k, v in snap[key].items():
+                    c.add_metric([name, k], v)
+                yield c
+            late = snap["prefetch_lateness_s"]
+            g = GaugeMetricFamily("kvtier_trace_prefetch_lateness_seconds", "How late restores were at resume",
+                                  labels=["cache", "quantile"])
+            for q, k in (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"), ("1", "max")):
+                g.add_metric([name, q], late[k])
+            yield g
+            for key, value, help_text in (
+                    ("prefetches", snap["prefetches"], "Restores started"),
+                    ("late_prefetches", late["late"], "Resumes whose restore was not done"),
+                    ("prefetched_blocks", snap["prefetched_blocks"], "Blocks restored to the device"),
+                    ("demoted_blocks", snap["demoted_blocks"], "Blocks demoted at tool starts"),
+                    ("dropped_blocks", snap["dropped_blocks"], "Blocks dropped at tool starts"),
+                    ("late_recompute_tokens", snap["late_recompute_tokens"], "Tokens recomputed: restore late"),
+                    ("tail_tokens_reused", snap["tail_tokens_reused"], "Partial-tail tokens loaded, not recomputed"),
+                    ("expired_leases", snap["expired_leases"], "Device leases that ran out")):
+                c = CounterMetricFamily(f"kvtier_trace_{key}", help_text, labels=["cache"])
+                c.add_metric([name], value)
+                yield c
+            for key, value, help_text in (("open", len(manager.traces), "Open traces"),
+                                          ("leased_blocks", manager.kept_blocks(), "Device blocks held by leases")):
+                gg = GaugeMetricFamily(f"kvtier_trace_{key}", help_text, labels=["cache"])
+                gg.add_metric([name], value)
+                yield gg
 
     collector = _Collector()
     (registry if registry is not None else REGISTRY).register(collector)

@@ -139,6 +139,20 @@ class ModelExecutor:
         self.kvc.reset()
         return best / n
 
+    def decode_s_per_token(self, prompt: int = 64, tokens: int = 16) -> float:
+        """Measured time per generated token after a ``prompt``-token prefill (best of 3)."""
+        import torch
+
+        ids = torch.arange(4, 4 + prompt).remainder(int(self.model.config.vocab_size)).unsqueeze(0)
+        best = float("inf")
+        for _ in range(3):
+            self.kvc.reset()
+            t0 = time.perf_counter()
+            self.compute(ids[0].numpy(), tokens + 1, "", 0)
+            best = min(best, time.perf_counter() - t0)
+        self.kvc.reset()
+        return max(0.0, best - prompt * self.prefill_s_per_token(prompt, 1)) / tokens
+
 
 def _ctx_len(by_id: dict[str, Trace], t: Trace, upto: int) -> int:
     base = 0
@@ -191,6 +205,10 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     salt = kvtier.keys.make_salt(str(getattr(model.config, "_name_or_path", "model")), layout, kind="transformers")
     results: dict[str, Any] = {}
     cost = None
+    speed_ex = ModelExecutor(model, max_tokens)
+    model_speed = {"prefill_s_per_token": speed_ex.prefill_s_per_token(),
+                   "decode_s_per_token": speed_ex.decode_s_per_token()}
+    del speed_ex
     try:
         def make_cache(policy: str) -> kvtier.TieredCache:
             if policy == "device-lru":
@@ -207,7 +225,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                 # The cost model: this model's measured prefill time per token, this machine's tiers.
                 probe = make_cache("calibrate")
                 try:
-                    cost = calibrate(probe, ex.prefill_s_per_token())
+                    cost = calibrate(probe, model_speed["prefill_s_per_token"])
                 finally:
                     probe.close()
                     shutil.rmtree(os.path.join(nvme_base, "calibrate"), ignore_errors=True)
@@ -235,7 +253,10 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
         "model": model_name, "workload": workload_name,
         "config": {"block_tokens": BLOCK_TOKENS, "device_budget_bytes": device_budget, "dram_budget_bytes": dram_budget,
                    "nvme_budget_bytes": nvme_budget, "workload_kv_bytes": workload_kv, "traces": len(trs),
-                   "steps": sum(len(t.steps) for t in trs), "seed": seed},
+                   "steps": sum(len(t.steps) for t in trs), "seed": seed, "vocab_size": vocab,
+                   "workload_file": None if workload is None else str(Path(workload).resolve()),
+                   "workload_roots": traces},
+        "model_speed": model_speed,
         "time_model": "virtual: measured step service times on this machine, virtual tool gaps and arrivals; "
                       "background moves of the trace-aware policy timed on the copy lane (kvtier.driver)",
         "tokens_identical": identical,

@@ -52,10 +52,11 @@ class ServerModel:
     kv_bytes_per_token: int
     dollars_per_hour: float
     model: str = ""
+    serial_decode: bool = False  # decode on the prefill resource (an engine without batching: the replay)
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 and k != "network_gbps":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 and k not in ("network_gbps", "serial_decode"):
                 raise InvalidArgumentError(f"server model {self.name!r}: {k} must be > 0, got {v!r}")
 
 
@@ -211,7 +212,11 @@ class ModelExecutor:
         self._compute_s += (len(ctx) - self._cached) / self.server.prefill_tokens_per_s
         seed = (zlib.crc32(trace_id.encode()), step)
         tokens = np.random.default_rng(seed).integers(4, self.vocab, size=generate).tolist()
-        return tokens, len(ctx) + generate - 1, generate / self.server.decode_tokens_per_s
+        decode = generate / self.server.decode_tokens_per_s
+        if self.server.serial_decode:
+            self._compute_s += decode
+            decode = 0.0
+        return tokens, len(ctx) + generate - 1, decode
 
     def stopwatch(self) -> float:
         return self.engine.elapsed_s + self._compute_s
@@ -246,7 +251,8 @@ def _cost(server: ServerModel, layout: KVLayout) -> CostModel:
 def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 8, traces: int = 1000,
              policies: list[str] | None = None, seed: int = 0, workload: list[Trace] | None = None,
              block_tokens: int = 64, hbm_kv_gib: float | None = None, json_path: str | None = None,
-             plot_path: str | None = None, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+             plot_path: str | None = None, progress: bool = True, quiet: bool = False,
+             vocab: int = 32000) -> dict[str, Any]:
     """Run every policy over the fleet; returns the report (also printed, and written as JSON)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -305,7 +311,7 @@ def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 8, 
                     out = fn()
                     return eng.elapsed_s - before, out
 
-                runner = PolicyRunner(p, ModelExecutor(server, backend, 32000), make_cache, _cost(server, layout),
+                runner = PolicyRunner(p, ModelExecutor(server, backend, vocab), make_cache, _cost(server, layout),
                                       lane=BackgroundLane(measure))
                 rp = PolicyReplay(runner, group)
                 while rp.step():
@@ -371,4 +377,82 @@ def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerMod
             "late_recompute_tokens": sum(t["late_recompute_tokens"] for t in tps),
             "tail_tokens_reused": sum(t["tail_tokens_reused"] for t in tps),
         }
+    return out
+
+
+def server_like_replay(report: dict[str, Any]) -> ServerModel:
+    """A server model of the machine a ``kvtier replay`` report was measured on: its tier budgets,
+    its calibrated tier bandwidths, its model's measured prefill and decode speed, serial decode."""
+    ta = report.get("policies", {}).get("trace-aware", {})
+    if "cost_model" not in ta or "model_speed" not in report:
+        raise InvalidArgumentError("the replay report has no calibration: run kvtier replay with the trace-aware "
+                                   "policy (the default, or --policy all) and --json")
+    cfg, bw = report["config"], ta["cost_model"]["bandwidth_GBps"]
+    speed = report["model_speed"]
+    gib = float(1 << 30)
+    return ServerModel(
+        name="this-machine (from the replay)", model=report.get("model", ""),
+        hbm_kv_gib=cfg["device_budget_bytes"] / gib, dram_kv_gib=cfg["dram_budget_bytes"] / gib,
+        nvme_kv_gib=cfg["nvme_budget_bytes"] / gib,
+        pcie_gbps=(bw["device->dram"] + bw["dram->device"]) / 2, hbm_gbps=bw["device->engine"],
+        nvme_read_gbps=bw.get("nvme->dram", 1.0), nvme_write_gbps=bw.get("dram->nvme", 1.0), network_gbps=0.0,
+        prefill_tokens_per_s=1.0 / speed["prefill_s_per_token"],
+        decode_tokens_per_s=1.0 / max(speed["decode_s_per_token"], 1e-6),
+        kv_bytes_per_token=ta["cost_model"]["block_bytes"] // ta["cost_model"]["block_tokens"],
+        dollars_per_hour=0.1, serial_decode=True)
+
+
+def check_against_replay(replay_json: str, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Simulate the workload of a ``kvtier replay --json`` report on a model of the machine it ran on,
+    and compare: the order of the policies, and how far each figure is from the real one."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvtier import workload as wl
+
+    try:
+        with open(replay_json) as f:
+            real = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"cannot read the replay report {replay_json!r}: {e}") from None
+    server = server_like_replay(real)
+    cfg = real["config"]
+    if cfg.get("workload_file"):
+        trs = wl.load(cfg["workload_file"], vocab_size=cfg["vocab_size"])
+    else:
+        trs = default_workload(cfg["vocab_size"], seed=cfg["seed"], traces=cfg["workload_roots"])
+    pols = list(real["policies"])
+    simulated = simulate(server=server, servers=1, policies=pols, workload=trs, block_tokens=cfg["block_tokens"],
+                         progress=progress, quiet=True, vocab=cfg["vocab_size"])
+    rows = {}
+    for p in pols:
+        r, s = real["policies"][p], simulated["policies"][p]
+        rows[p] = {k: {"real": a, "sim": b, "sim/real": b / a if a else None} for k, a, b in (
+            ("jct_p50_s", r["jct_s"]["p50"], s["jct_s"]["p50"]), ("jct_p99_s", r["jct_s"]["p99"], s["jct_s"]["p99"]),
+            ("prefill_computed", r["prefill_tokens"]["computed"], s["prefill_tokens"]["computed"]))}
+    order = {k: ([p for p in sorted(pols, key=lambda p: rows[p][k]["real"])],
+                 [p for p in sorted(pols, key=lambda p: rows[p][k]["sim"])]) for k in ("jct_p50_s", "jct_p99_s",
+                                                                                       "prefill_computed")}
+    out = {"kind": "SIMULATION checked against a real replay", "server": asdict(server), "figures": rows,
+           "order": {k: {"real": a, "sim": b, "same": a == b} for k, (a, b) in order.items()}}
+    table = Table(title="kvtier simulate vs the real replay (same workload, a model of this machine)")
+    for col in ("policy", "JCT p50 real / sim", "JCT p99 real / sim", "prefill computed real / sim"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for p in pols:
+        cells = [f"{rows[p][k]['real']:.2f} / {rows[p][k]['sim']:.2f}" if k != "prefill_computed"
+                 else f"{rows[p][k]['real']} / {rows[p][k]['sim']}" for k in ("jct_p50_s", "jct_p99_s",
+                                                                               "prefill_computed")]
+        table.add_row(p, *cells)
+    import sys
+
+    con = Console(width=None if sys.stdout.isatty() else 160)
+    con.print(table)
+    for k, v in out["order"].items():
+        con.print(f"order by {k}: real {' < '.join(v['real'])}; simulated {' < '.join(v['sim'])}: "
+                  + ("same" if v["same"] else "DIFFERENT"))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
     return out
