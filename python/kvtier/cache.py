@@ -447,6 +447,14 @@ class TieredCache:
 
     # ------------------------------------------------------------------ explicit placement (trace policies)
 
+    def make_room(self, tier: int, n: int) -> int:
+        """Demote LRU blocks (copy, then release) until ``tier`` has ``n`` free blocks, as far as
+        unpinned blocks allow; returns how many are free. A trace policy calls this in the
+        background so that the next step's store finds room without waiting on a demotion."""
+        if not self.has_tier(tier):
+            raise InvalidArgumentError(f"this cache has no tier {tier}")
+        return self._make_room(tier, n)
+
     def locate(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
         """(tier, pins) of each key without touching LRU order; tier is 255 where not cached."""
         tiers, _, pins = self.index.locate(_as_keys(keys))

@@ -261,7 +261,8 @@ class PolicyReplay:
         out["nvme_bytes_written_per_task"] = out["bytes_moved"].get("dram->nvme", 0) / len(self.traces)
         if self.runner.traces is not None:
             out["trace_policy"] = self.runner.traces.metrics.snapshot()
-            out["trace_policy"]["background_lane_s"] = self.runner.traces.lane.busy_s
+            out["trace_policy"]["background_lane_s"] = {"out": self.runner.traces.lane.busy_s,
+                                                        "in": self.runner.traces.restore_lane.busy_s}
             out["trace_policy"]["prefetch_lateness_all_s"] = list(self.runner.traces.metrics.prefetch_lateness_s)
             out["cost_model"] = self.runner.traces.cost.as_dict()
         return out

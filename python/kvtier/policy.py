@@ -23,6 +23,11 @@ on a device so full, ``critical_fill``, that keeping is not an option), the rest
 by ``round_trip - gap``; that is compared with recomputing the private tokens (drop) and the
 cheaper one wins.
 
+Note [Headroom]: after each tool start, the manager demotes least recently used blocks in the
+background until ``headroom`` of the device and DRAM tiers is free, so that the next step's store
+finds room at once instead of waiting on a demotion chain that may end in an NVMe write. The tool
+gap is when such work is free: the copy engines are idle while the trace waits.
+
 Note [Prefetch timing]: a demoted trace's restore starts ``prefetch_safety`` restore times before
 its expected resume, measured from a low estimate of the gap (the hint as given; a learned gap's
 25th percentile), and at ``tool_end`` at the latest. If the restore is still running when the step
@@ -176,6 +181,7 @@ class TraceAwarePolicy:
     prefetch_safety: float = 1.5
     ttl_factor: float = 2.0
     critical_fill: float = 0.98
+    headroom: float = 0.125  # share of the device and DRAM tiers kept free by demotion in the background
 
     def decide(self, *, private_blocks: int, private_tokens: int, gap_s: float, gap_low_s: float,
                gap_source: str, tiers: TierState, cost: CostModel) -> Decision:

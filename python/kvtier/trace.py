@@ -17,9 +17,10 @@ in :meth:`TraceManager.tick`; ``tool_end`` starts a prefetch that has not starte
 
 Time: every call takes an optional ``now`` (seconds). An engine leaves it out and the manager
 reads its clock; ``kvtier replay`` and ``kvtier simulate`` pass virtual time. Moves made in the
-background (demotion at a tool start, prefetches) are timed on a :class:`BackgroundLane`: they run
-on the caller's thread, and the lane records when they would have started and finished on the
-machine's copy engines, one after another, so that a resume can tell whether its restore is late.
+background are timed on two :class:`BackgroundLane` s, one per direction (demotions and headroom
+out, restores in): they run on the caller's thread, and each lane records when they would have
+started and finished on the machine's copy engines, one after another, so that a resume can tell
+whether its restore is late.
 
 Example (an engine with a transformers decoder)::
 
@@ -86,6 +87,10 @@ class BackgroundLane:
         self._busy: list[tuple[float, float]] = []  # disjoint (start, end), sorted
         self._horizon = horizon_s
 
+    def twin(self) -> BackgroundLane:
+        """A second, independent lane timed the same way (the other direction of the link)."""
+        return BackgroundLane(self._measure, self._horizon)
+
     @property
     def free_at(self) -> float:
         return self._busy[-1][1] if self._busy else 0.0
@@ -130,6 +135,7 @@ class TraceMetrics:
     waited_s: float = 0.0  # resumes that waited for a late restore
     expired_leases: int = 0
     tail_tokens_reused: int = 0  # partial-tail tokens loaded instead of recomputed
+    headroom_runs: int = 0  # background demotions that kept headroom free (Note [Headroom])
 
     def snapshot(self) -> dict[str, Any]:
         late = np.asarray(self.prefetch_lateness_s, dtype=float)
@@ -143,6 +149,7 @@ class TraceMetrics:
             "demoted_blocks": self.demoted_blocks, "dropped_blocks": self.dropped_blocks,
             "late_recompute_tokens": self.late_recompute_tokens, "waited_s": self.waited_s,
             "expired_leases": self.expired_leases, "tail_tokens_reused": self.tail_tokens_reused,
+            "headroom_runs": self.headroom_runs,
         }
 
 
@@ -347,6 +354,7 @@ class Trace:
             self.state = TraceState.PARKED
             self._prefetch_due = now + (d.prefetch_in_s or 0.0)
             mgr._schedule(self._prefetch_due, self)
+        mgr._keep_headroom(now)
         return d
 
     def tool_end(self, now: float | None = None) -> None:
@@ -366,7 +374,7 @@ class Trace:
         keys = self.owned_keys()
         if len(keys) == 0:
             return
-        start, done, _ = mgr.lane.run(at, lambda: mgr.cache.promote_keys(keys, DEVICE))
+        start, done, _ = mgr.restore_lane.run(at, lambda: mgr.cache.promote_keys(keys, DEVICE))
         where, _ = mgr.cache.locate(keys)
         here = keys[where == DEVICE]
         self._restore = (start, done)
@@ -477,12 +485,14 @@ class TraceManager:
         policy: the placement policy (default :class:`~kvtier.policy.TraceAwarePolicy`).
         gaps: the gap estimator (learns each tool's gaps from ``tool_end``).
         clock: seconds, for calls without ``now``.
-        lane: where background moves are timed.
+        lane: where background moves out (demotions) are timed.
+        restore_lane: where restores are timed (default: a twin of ``lane``). PCIe copy engines and
+            NVMe queues serve each direction on their own, so a restore does not wait behind demotions.
     """
 
     def __init__(self, cache: TieredCache, cost: CostModel, *, policy: TraceAwarePolicy | None = None,
                  gaps: GapEstimator | None = None, clock: Callable[[], float] = time.monotonic,
-                 lane: BackgroundLane | None = None) -> None:
+                 lane: BackgroundLane | None = None, restore_lane: BackgroundLane | None = None) -> None:
         if not isinstance(cache, TieredCache):
             raise InvalidArgumentError(f"cache must be a kvtier.TieredCache, got {type(cache).__name__}")
         if not isinstance(cost, CostModel):
@@ -494,6 +504,7 @@ class TraceManager:
         self.gaps = gaps or GapEstimator()
         self.clock = clock
         self.lane = lane or BackgroundLane()
+        self.restore_lane = restore_lane or self.lane.twin()
         self.block_tokens = cache.block_tokens
         self.metrics = TraceMetrics()
         self._traces: dict[str, Trace] = {}
@@ -531,6 +542,17 @@ class TraceManager:
             _, _, t = heapq.heappop(self._due)
             if t.state is not TraceState.CLOSED:
                 t._on_due(now)
+
+    def _keep_headroom(self, now: float) -> None:
+        """Note [Headroom] in kvtier/policy.py."""
+        cache = self.cache
+        for tier in (DEVICE, DRAM):
+            if not cache.has_tier(tier) or (tier == DRAM and not cache.has_tier(NVME)):
+                continue  # a DRAM tier with nothing below would drop blocks to make headroom
+            want = int(self.policy.headroom * cache.pools[tier].num_blocks)
+            if want and cache.tier_free_blocks(tier) < want:
+                _, _, freed = self.lane.run(now, lambda t=tier: cache.make_room(t, want))
+                self.metrics.headroom_runs += 1
 
     def next_due(self) -> float | None:
         return self._due[0][0] if self._due else None
