@@ -173,7 +173,7 @@ class PolicyReplay:
         self.runner = runner
         self.traces = traces
         self.by_id = {t.trace_id: t for t in traces}
-        self.contexts: dict[str, list[int]] = {}
+        self.contexts: dict[str, np.ndarray] = {}
         self.children: dict[tuple[str, int], list[Trace]] = {}
         for t in traces:
             if t.fork_of is not None:
@@ -185,7 +185,7 @@ class PolicyReplay:
         for t in traces:
             if t.fork_of is None:
                 self._push(t.arrival_s, t.trace_id, 0)
-                self.contexts[t.trace_id] = []
+                self.contexts[t.trace_id] = np.zeros(0, dtype=np.int64)
                 runner.open(t.trace_id)
         self.server_free = 0.0
         self.finish: dict[str, float] = {}
@@ -210,11 +210,11 @@ class PolicyReplay:
         if k > 0:
             r.tool_end(tid, at)
         r.tick(start)
-        ctx = self.contexts[tid]
         if (tid, k) not in self.started:
-            ctx.extend(step.append)
+            self.contexts[tid] = np.concatenate([self.contexts[tid], np.asarray(step.append, dtype=np.int64)])
             self.started.add((tid, k))
-        res = r.run_step(tid, k, np.asarray(ctx, dtype=np.int64), step.generate, start)
+        ctx = self.contexts[tid]
+        res = r.run_step(tid, k, ctx, step.generate, start)
         if res.wait_s > 0:  # the restore is late and waiting beats recomputing: come back then
             self._push(start + res.wait_s, tid, k)
             return True
@@ -224,10 +224,10 @@ class PolicyReplay:
         self.computed += res.computed
         self.total += res.total
         self.steps_done += 1
-        ctx.extend(res.tokens)
+        ctx = self.contexts[tid] = np.concatenate([ctx, np.asarray(res.tokens, dtype=np.int64)])
         self.tokens[tid].append(res.tokens)
         for child in self.children.get((tid, k), []):
-            self.contexts[child.trace_id] = list(ctx)
+            self.contexts[child.trace_id] = ctx
             r.open(child.trace_id, parent=tid)
             self._push(max(done, child.arrival_s), child.trace_id, 0)
         if k + 1 < len(t.steps):

@@ -299,10 +299,12 @@ def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 8, 
 
                 def make_cache(policy: str, backend: ModelBackend = backend) -> TieredCache:
                     dev = int(server.hbm_kv_gib * gib)
+                    # Loads in one chunk: nothing waits on part of a modelled transfer.
                     if policy == "device-lru":
-                        return TieredCache(layout, "sim", device_bytes=dev, backend=backend)
+                        return TieredCache(layout, "sim", device_bytes=dev, backend=backend, load_chunk_blocks=1 << 20)
                     return TieredCache(layout, "sim", device_bytes=dev, dram_bytes=int(server.dram_kv_gib * gib),
-                                       nvme_dir="(modelled)", nvme_bytes=int(server.nvme_kv_gib * gib), backend=backend)
+                                       nvme_dir="(modelled)", nvme_bytes=int(server.nvme_kv_gib * gib), backend=backend,
+                                       load_chunk_blocks=1 << 20)
 
                 eng = backend.engine
 

@@ -121,8 +121,9 @@ def validate(traces: list[Trace], vocab_size: int | None = None) -> None:
                 p = by_id.get(p.fork_of.trace_id)
         if vocab_size is not None:
             for i, s in enumerate(t.steps):
-                bad = [x for x in s.append if not 0 <= x < vocab_size]
-                if bad:
+                a = np.asarray(s.append, dtype=np.int64)
+                bad = a[(a < 0) | (a >= vocab_size)]
+                if len(bad):
                     raise InvalidArgumentError(
                         f"trace {t.trace_id!r} step {i}: token id {bad[0]} is outside the model's vocabulary "
                         f"[0, {vocab_size})")
