@@ -293,7 +293,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     axes[0].bar(x - 0.2, [res[p]["jct_s"]["p50"] for p in pols], 0.4, label="p50")
     axes[0].bar(x + 0.2, [res[p]["jct_s"]["p99"] for p in pols], 0.4, label="p99")
     axes[0].set_title(f"JCT (s, {report.get('time_axis', 'virtual time')})")
-    axes[0].legend()
+    axes[0].legend(fontsize=8, loc="upper left")
     axes[1].bar(x, [res[p]["prefill_tokens"]["computed"] for p in pols], color="tab:orange")
     axes[1].set_title("prefill tokens computed")
     bottom = np.zeros(len(pols))
