@@ -19,4 +19,4 @@ export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_erro
 echo "kvtier: rerunning the native-heavy tests under ASan/UBSan"
 python -c "import kvtier, sys; assert 'asan-pkg' in kvtier.__file__, kvtier.__file__"
 python -m pytest -q -p no:cacheprovider tests/test_pool.py tests/test_transfer.py tests/test_bad_input.py \
-  tests/test_nvme.py tests/test_cache.py tests/test_keys.py
+  tests/test_nvme.py tests/test_cache.py tests/test_keys.py tests/test_trace.py

@@ -50,13 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="none, device-lru, tiered, trace-aware, or all (repeatable; default: trace-aware)")
     rp.add_argument("--json", metavar="PATH", help="write the report as JSON")
     rp.add_argument("--plot", metavar="PNG", help="write a plot of JCT, prefill and hits per policy")
-    rp.add_argument("--device-budget", type=_size, default=None, help="device tier size (default: 1/10 of the workload's KV)")
-    rp.add_argument("--dram-budget", type=_size, default=None, help="DRAM tier size (default: 1/4 of the workload's KV)")
+    rp.add_argument("--device-budget", type=_size, default=None, help="device tier size (default: 1/16 of the workload's KV: too small for it)")
+    rp.add_argument("--dram-budget", type=_size, default=None, help="DRAM tier size (default: 1/8 of the workload's KV)")
     rp.add_argument("--nvme-dir", default=None, help="NVMe tier directory (default: a temporary one here)")
     rp.add_argument("--nvme-budget", type=_size, default=None, help="NVMe tier size (default: 2x the workload's KV)")
     rp.add_argument("--traces", type=_positive_int, default=8, help="traces in the generated workload")
     rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
     rp.add_argument("--write-workload", metavar="PATH", help="write the generated workload as JSONL and exit")
+    rp.add_argument("--torch-threads", type=_positive_int, default=None,
+                    help="compute threads for the model (default: half the cores)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sm = sub.add_parser("simulate", help="SIMULATION: the cache policies at fleet scale on a modelled GPU server")
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
                        plot_path=args.plot, device_budget=args.device_budget, dram_budget=args.dram_budget,
                        nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed, traces=args.traces,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, torch_threads=args.torch_threads)
             return 0
         if args.command == "simulate":
             return _simulate(args)

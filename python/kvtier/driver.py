@@ -191,6 +191,7 @@ class PolicyReplay:
         self.finish: dict[str, float] = {}
         self.computed = self.total = 0
         self.service: list[float] = []
+        self.service_by_step: dict[str, float] = {}  # "trace/step" -> seconds on the prefill resource
         self.steps_done = 0
 
     def _push(self, at: float, tid: str, step: int) -> None:
@@ -221,6 +222,7 @@ class PolicyReplay:
         self.server_free = start + res.service_s
         done = self.server_free + res.decode_s
         self.service.append(res.service_s)
+        self.service_by_step[f"{tid}/{k}"] = res.service_s
         self.computed += res.computed
         self.total += res.total
         self.steps_done += 1
@@ -251,6 +253,7 @@ class PolicyReplay:
         }
         if keep_tokens:
             out["tokens"] = self.tokens
+            out["service_by_step_s"] = self.service_by_step
         if cache is not None:
             snap = cache.metrics.snapshot()
             out.update(hits=snap["hits"], misses=snap["misses"], bytes_moved=snap["bytes_moved"],

@@ -164,7 +164,7 @@ def _ctx_len(by_id: dict[str, Trace], t: Trace, upto: int) -> int:
 def run(model_dir: str | None = None, workload: str | None = None, policies: list[str] | None = None,
         json_path: str | None = None, plot_path: str | None = None, device_budget: int | None = None,
         dram_budget: int | None = None, nvme_dir: str | None = None, nvme_budget: int | None = None,
-        seed: int = 0, traces: int = 8, progress: bool = True) -> dict[str, Any]:
+        seed: int = 0, traces: int = 8, progress: bool = True, torch_threads: int | None = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -179,6 +179,16 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
         model_path = Path(model_dir)
         model_name = str(model_path)
     model = load_model(model_path)
+    # Compute threads: half the cores by default. A parallel region waits for its slowest thread, so
+    # on a small shared machine one busy core can stretch a step tenfold; the other half is left
+    # for kvtier's copy and I/O threads.
+    import torch
+
+    if torch_threads is not None and torch_threads < 1:
+        raise InvalidArgumentError(f"torch_threads must be >= 1, got {torch_threads}")
+    threads = torch_threads or max(1, (os.cpu_count() or 2) // 2)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     vocab = int(model.config.vocab_size)
     if workload is None:
         trs = wl.default_workload(vocab, seed=seed, traces=traces)
@@ -189,15 +199,15 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     by_id = {t.trace_id: t for t in trs}
     max_ctx = max(_ctx_len(by_id, t, len(t.steps) - 1) for t in trs)
     max_tokens = (max_ctx // BLOCK_TOKENS + 2) * BLOCK_TOKENS
-    # Budgets: by default the device tier holds a tenth of the workload's KV and DRAM a quarter, so reuse
+    # Budgets: by default the device tier holds 1/16 of the workload's KV and DRAM 1/8, so reuse
     # depends on what survives below it.
     from kvtier.integrations.transformers import KvtierCache
 
     layout = KvtierCache(model.config, max_tokens=BLOCK_TOKENS, block_tokens=BLOCK_TOKENS, dtype=model.dtype).layout
     unique_tokens = sum(len(s.append) + s.generate for t in trs for s in t.steps)
     workload_kv = unique_tokens * layout.token_bytes
-    device_budget = device_budget or max(layout.block_bytes * 4, workload_kv // 10)
-    dram_budget = dram_budget or max(layout.block_bytes * 16, workload_kv // 4)
+    device_budget = device_budget or max(layout.block_bytes * 4, workload_kv // 16)
+    dram_budget = dram_budget or max(layout.block_bytes * 16, workload_kv // 8)
     nvme_budget = nvme_budget or max(layout.block_bytes * 16, workload_kv * 2)
     own_nvme = nvme_dir is None
     nvme_base = nvme_dir or tempfile.mkdtemp(prefix="kvtier-replay-", dir=os.getcwd())
@@ -245,6 +255,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
             results[p] = replays[p].report()
             replays[p].runner.close()
     finally:
+        torch.set_num_threads(prev_threads)
         if own_nvme:
             shutil.rmtree(nvme_base, ignore_errors=True)
     ref = next(iter(results.values()))["tokens"]
@@ -255,7 +266,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                    "nvme_budget_bytes": nvme_budget, "workload_kv_bytes": workload_kv, "traces": len(trs),
                    "steps": sum(len(t.steps) for t in trs), "seed": seed, "vocab_size": vocab,
                    "workload_file": None if workload is None else str(Path(workload).resolve()),
-                   "workload_roots": traces},
+                   "workload_roots": traces, "torch_threads": threads},
         "model_speed": model_speed,
         "time_model": "virtual: measured step service times on this machine, virtual tool gaps and arrivals; "
                       "background moves of the trace-aware policy timed on the copy lane (kvtier.driver)",

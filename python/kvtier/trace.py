@@ -397,6 +397,10 @@ class Trace:
         now = self._mgr._now(now)
         return self._set_lease(self.owned_keys(), now + ttl_s)
 
+    def pin(self, ttl_s: float, now: float | None = None) -> int:
+        """Same as :meth:`retain`: hold the trace's device blocks for ``ttl_s`` seconds."""
+        return self.retain(ttl_s, now)
+
     def release_retained(self) -> None:
         self._check_open()
         self._release_lease()
