@@ -111,3 +111,23 @@ def test_token_ids_are_deterministic_per_seed() -> None:
     assert [s.append for t in a for s in t.steps] != [s.append for t in c for s in t.steps]
     assert all(0 <= x < 512 for t in a for s in t.steps for x in s.append)
     assert np.mean([len(t.steps) for t in a]) >= 3
+
+
+def test_simulator_checks_against_a_real_replay(model_dir: Path, tmp_path: Path) -> None:
+    from kvtier import sim
+
+    path = tmp_path / "w.jsonl"
+    wl.dump(small_workload(256), path)
+    out = tmp_path / "r.json"
+    replay.run(model_dir=str(model_dir), workload=str(path), json_path=str(out), policies=["all"], progress=False,
+               device_budget=8 * 2 * 2 * 2 * 16 * 4 * 16, nvme_dir=str(tmp_path / "nvme"))
+    check = sim.check_against_replay(str(out), json_path=str(tmp_path / "c.json"), progress=False)
+    fig = check["figures"]
+    assert set(fig) == {"none", "device-lru", "tiered", "trace-aware"}
+    # with no reuse the prefill is the whole context in both; the time model is in the right range
+    assert fig["none"]["prefill_computed"]["sim"] == fig["none"]["prefill_computed"]["real"]
+    for p in fig:
+        assert 0.5 < fig[p]["jct_p50_s"]["sim/real"] < 2.0
+    assert check["server"]["serial_decode"] and check["server"]["prefill_tokens_per_s"] > 0
+    with pytest.raises(kvtier.InvalidArgumentError, match="no calibration"):
+        sim.server_like_replay({"policies": {"tiered": {}}})

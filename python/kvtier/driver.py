@@ -288,7 +288,7 @@ def render_table(results: dict[str, dict[str, Any]], title: str) -> None:
         dec = "-" if not ta else "/".join(str(ta["decisions"][k]) for k in ("keep", "dram", "nvme", "drop"))
         late = "-" if not ta else (f"{ta['prefetch_lateness_s']['late']}/{ta['prefetch_lateness_s']['count']}, "
                                    f"{ta['prefetch_lateness_s']['p90'] * 1e3:.1f}")
-        extra = [f"{r.get('dollars_per_task', 0.0):.4f}"] if dollars else []
+        extra = [f"{r.get('dollars_per_task', 0.0):.5f}"] if dollars else []
         table.add_row(p, f"{r['jct_s']['p50']:.2f}", f"{r['jct_s']['p99']:.2f}", f"{r['tasks_per_hour']:.0f}",
                       f"{pt['computed']}/{pt['total']} ({pt['computed'] / max(1, pt['total']):.0%})",
                       f"{h['device']}/{h['dram']}/{h['nvme']}", f"{r['nvme_bytes_written_per_task'] / 2**20:.1f} MiB",
