@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import kvtier
 import numpy as np
 import pytest
-
-import kvtier
 from kvtier import _core
-from kvtier.cache import DEVICE, DRAM, NVME, TieredCache
+from kvtier.cache import DRAM, TieredCache
 from kvtier.keys import make_salt
 from kvtier.policy import Action, CostModel, GapEstimator, TierState, TraceAwarePolicy
 from kvtier.trace import BackgroundLane, TraceManager, TraceState

@@ -149,8 +149,8 @@ class TieredCache:
         self.block_tokens = layout.block_tokens
         if backend is None:
             self.engine = engine or CopyEngine()
-            make_pool = lambda capacity, tier: HostPool(layout, capacity_bytes=capacity)  # noqa: E731
-            make_nvme = lambda d, pool, capacity: NvmeTier(d, pool, capacity_bytes=capacity)  # noqa: E731
+            make_pool = lambda capacity, tier: HostPool(layout, capacity_bytes=capacity)
+            make_nvme = lambda d, pool, capacity: NvmeTier(d, pool, capacity_bytes=capacity)
         else:
             self.engine, make_pool, make_nvme = backend.engine, backend.make_pool, backend.make_nvme
         self.index = _core.BlockIndex()

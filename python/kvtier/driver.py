@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kvtier.cache import TieredCache
-from kvtier.errors import InvalidArgumentError
+from kvtier.errors import InvalidArgumentError, UnavailableError
 from kvtier.policy import CostModel, TraceAwarePolicy
 from kvtier.trace import BackgroundLane, TraceManager
 from kvtier.workload import Trace
@@ -98,8 +98,12 @@ class PolicyRunner:
 
     # trace hooks: no-ops for the policies that do not know about traces
     def open(self, tid: str, parent: str | None = None) -> None:
-        if self.traces is not None:
-            self.traces.get(parent).fork(tid) if parent is not None else self.traces.open(tid)
+        if self.traces is None:
+            return
+        if parent is not None:
+            self.traces.get(parent).fork(tid)
+        else:
+            self.traces.open(tid)
 
     def tick(self, now: float) -> None:
         if self.traces is not None:
@@ -296,3 +300,62 @@ def render_table(results: dict[str, dict[str, Any]], title: str) -> None:
     import sys
 
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def save_report(report: dict[str, Any], json_path: str | None, plot_path: str | None, console: Any) -> None:
+    """Write a replay or simulation report as JSON and/or a plot, saying where."""
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+        console.print(f"wrote {json_path}")
+    if plot_path:
+        plot(report, plot_path)
+        console.print(f"wrote {plot_path}")
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UnavailableError("--plot needs matplotlib: pip install 'kvtier[plot]'") from None
+    pols = list(report["policies"])
+    res = report["policies"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    x = np.arange(len(pols))
+    axes[0].bar(x - 0.2, [res[p]["jct_s"]["p50"] for p in pols], 0.4, label="p50")
+    axes[0].bar(x + 0.2, [res[p]["jct_s"]["p99"] for p in pols], 0.4, label="p99")
+    axes[0].set_title(f"JCT (s, {report.get('time_axis', 'virtual time')})")
+    axes[0].legend(fontsize=8, loc="upper left")
+    axes[1].bar(x, [res[p]["prefill_tokens"]["computed"] for p in pols], color="tab:orange")
+    axes[1].set_title("prefill tokens computed")
+    bottom = np.zeros(len(pols))
+    for tier, color in (("device", "tab:green"), ("dram", "tab:blue"), ("nvme", "tab:purple")):
+        vals = np.array([res[p]["hits"][tier] for p in pols], dtype=float)
+        axes[2].bar(x, vals, bottom=bottom, label=tier, color=color)
+        bottom += vals
+    axes[2].set_title("block hits by tier")
+    axes[2].legend()
+    for ax in axes[:3]:
+        ax.set_xticks(x, pols, fontsize=8)
+    ta = res.get("trace-aware", {}).get("trace_policy")
+    ax = axes[3]
+    if ta:
+        late = np.sort(np.asarray(ta.get("prefetch_lateness_all_s", []), dtype=float)) * 1e3
+        if len(late):
+            ax.step(late, np.arange(1, len(late) + 1) / len(late), where="post")
+        dec = ta["decisions"]
+        ax.set_title("trace-aware: prefetch lateness (ms), CDF", fontsize=9)
+        ax.text(0.98, 0.05, "decisions: " + ", ".join(f"{k} {v}" for k, v in dec.items()), transform=ax.transAxes,
+                ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+    else:
+        ax.set_axis_off()
+    fig.suptitle(f"{report.get('title', 'kvtier replay')}: {report['model'][:60]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -13,7 +13,6 @@ and the event loop are in :mod:`kvtier.driver` (Note [Virtual time]), shared wit
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import tempfile
@@ -25,7 +24,15 @@ import numpy as np
 
 import kvtier
 from kvtier import workload as wl
-from kvtier.driver import DEFAULT_POLICY, POLICIES, PolicyReplay, PolicyRunner, check_policies, render_table
+from kvtier.driver import (
+    DEFAULT_POLICY,
+    POLICIES,
+    PolicyReplay,
+    PolicyRunner,
+    check_policies,
+    render_table,
+    save_report,
+)
 from kvtier.errors import InvalidArgumentError
 from kvtier.trace import calibrate
 from kvtier.workload import Trace
@@ -42,7 +49,6 @@ def build_default_model(directory: str | Path, seed: int = 0) -> Path:
     """A small random-weight Llama saved to ``directory`` (built offline, cached by config)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -63,7 +69,6 @@ def build_default_model(directory: str | Path, seed: int = 0) -> Path:
 def load_model(model_dir: str | Path) -> Any:
     """A transformers causal LM from a local folder, in eval mode; clear errors otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -277,59 +282,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                           f"device budget {device_budget / 2**20:.1f} MiB")
     console.print("generated tokens identical across policies: "
                   + ("[green]yes[/green]" if identical else "[red]NO[/red]"))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=1)
-        console.print(f"wrote {json_path}")
-    if plot_path:
-        plot(report, plot_path)
-        console.print(f"wrote {plot_path}")
+    save_report(report, json_path, plot_path, console)
     if not identical:
         raise kvtier.KvtierError("policies generated different tokens: the cache changed the model's outputs")
     return report
-
-
-def plot(report: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise kvtier.UnavailableError("--plot needs matplotlib: pip install 'kvtier[plot]'") from None
-    pols = list(report["policies"])
-    res = report["policies"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    x = np.arange(len(pols))
-    axes[0].bar(x - 0.2, [res[p]["jct_s"]["p50"] for p in pols], 0.4, label="p50")
-    axes[0].bar(x + 0.2, [res[p]["jct_s"]["p99"] for p in pols], 0.4, label="p99")
-    axes[0].set_title(f"JCT (s, {report.get('time_axis', 'virtual time')})")
-    axes[0].legend(fontsize=8, loc="upper left")
-    axes[1].bar(x, [res[p]["prefill_tokens"]["computed"] for p in pols], color="tab:orange")
-    axes[1].set_title("prefill tokens computed")
-    bottom = np.zeros(len(pols))
-    for tier, color in (("device", "tab:green"), ("dram", "tab:blue"), ("nvme", "tab:purple")):
-        vals = np.array([res[p]["hits"][tier] for p in pols], dtype=float)
-        axes[2].bar(x, vals, bottom=bottom, label=tier, color=color)
-        bottom += vals
-    axes[2].set_title("block hits by tier")
-    axes[2].legend()
-    for ax in axes[:3]:
-        ax.set_xticks(x, pols, fontsize=8)
-    ta = res.get("trace-aware", {}).get("trace_policy")
-    ax = axes[3]
-    if ta:
-        late = np.sort(np.asarray(ta.get("prefetch_lateness_all_s", []), dtype=float)) * 1e3
-        if len(late):
-            ax.step(late, np.arange(1, len(late) + 1) / len(late), where="post")
-        dec = ta["decisions"]
-        ax.set_title("trace-aware: prefetch lateness (ms), CDF", fontsize=9)
-        ax.text(0.98, 0.05, "decisions: " + ", ".join(f"{k} {v}" for k, v in dec.items()), transform=ax.transAxes,
-                ha="right", fontsize=8)
-        ax.set_ylim(0, 1.05)
-    else:
-        ax.set_axis_off()
-    fig.suptitle(f"{report.get('title', 'kvtier replay')}: {report['model'][:60]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

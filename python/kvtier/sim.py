@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.cache import DEVICE, DRAM, TieredCache
-from kvtier.driver import PolicyReplay, PolicyRunner, check_policies, render_table
-from kvtier.errors import InvalidArgumentError
+from kvtier.cache import DEVICE, TieredCache
+from kvtier.driver import PolicyReplay, PolicyRunner, check_policies, render_table, save_report
+from kvtier.errors import InvalidArgumentError, OutOfCapacityError
 from kvtier.layout import KVLayout
 from kvtier.memory import as_block_ids
 from kvtier.policy import CostModel
@@ -81,7 +81,7 @@ PRESETS: dict[str, ServerModel] = {
 class _Handle:
     """A finished transfer: what TieredCache reads from a real handle."""
 
-    __slots__ = ("bytes", "latency_s", "block_ok", "num_blocks")
+    __slots__ = ("block_ok", "bytes", "latency_s", "num_blocks")
 
     def __init__(self, nbytes: int, seconds: float, n: int, ok: np.ndarray | None = None) -> None:
         self.bytes, self.latency_s, self.num_blocks, self.block_ok = nbytes, seconds, n, ok
@@ -109,8 +109,6 @@ class ModelPool:
 
     def allocate(self, n: int) -> np.ndarray:
         if n > self._n:
-            from kvtier.errors import OutOfCapacityError
-
             raise OutOfCapacityError(f"the {self.kind} tier has {self._n} free blocks, {n} requested")
         self._n -= n
         return self._free[self._n:self._n + n][::-1].copy()
@@ -156,8 +154,6 @@ class ModelNvme:
     def write(self, keys: np.ndarray, ids: Any) -> _Handle:
         n = len(keys)
         if self.used + n > self.num_slots:
-            from kvtier.errors import OutOfCapacityError
-
             raise OutOfCapacityError("the NVMe tier is full")
         self.used += n
         nbytes = n * self.engine.block_bytes
@@ -333,17 +329,7 @@ def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 8, 
         render_table(results, f"kvtier simulate (SIMULATION): {len(trs)} traces, {servers} x {server.name}, "
                               f"HBM for KV {server.hbm_kv_gib:g} GiB per server")
         console.print(f"simulated in {wall:.1f} s wall time")
-    if json_path:
-        import json
-
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=1)
-        console.print(f"wrote {json_path}")
-    if plot_path:
-        from kvtier.replay import plot
-
-        plot(report, plot_path)
-        console.print(f"wrote {plot_path}")
+    save_report(report, json_path, plot_path, console)
     return report
 
 

@@ -555,7 +555,7 @@ class TraceManager:
                 continue  # a DRAM tier with nothing below would drop blocks to make headroom
             want = int(self.policy.headroom * cache.pools[tier].num_blocks)
             if want and cache.tier_free_blocks(tier) < want:
-                _, _, freed = self.lane.run(now, lambda t=tier: cache.make_room(t, want))
+                self.lane.run(now, lambda t=tier, n=want: cache.make_room(t, n))
                 self.metrics.headroom_runs += 1
 
     def next_due(self) -> float | None:
@@ -584,7 +584,8 @@ def calibrate(cache: TieredCache, recompute_s_per_token: float, blocks: int = 16
         try:
             for src, dst, sa, da, link in ((dev, cache.pools[DRAM], a, b, "device->dram"),
                                            (cache.pools[DRAM], dev, b, a, "dram->device")):
-                best = min(_timed(lambda: cache.engine.transfer(src, sa, dst, da).wait()) for _ in range(3))
+                best = min(_timed(lambda s=src, i=sa, d=dst, j=da: cache.engine.transfer(s, i, d, j).wait())
+                           for _ in range(3))
                 bw[link] = n * layout.block_bytes / max(best, 1e-9)
             bw["device->engine"] = bw["dram->engine"] = bw["dram->device"]
             if cache.has_tier(NVME) and cache.tier_free_blocks(NVME) >= n:
