@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--list-servers", action="store_true", help="print the server model presets and exit")
     sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a server model field, e.g. --set hbm_kv_gib=20 (repeatable)")
-    sm.add_argument("--servers", type=_positive_int, default=8, help="servers in the fleet (default 8)")
+    sm.add_argument("--servers", type=_positive_int, default=2,
+                    help="servers in the fleet (default 2: sized so that the default workload keeps them busy)")
     sm.add_argument("--traces", type=_positive_int, default=1000, help="root traces (subagents come on top)")
     sm.add_argument("--policy", action="append", default=None,
                     help="none, device-lru, tiered, trace-aware, or all (repeatable; default: all)")

@@ -244,7 +244,7 @@ def _cost(server: ServerModel, layout: KVLayout) -> CostModel:
                      1.0 / server.prefill_tokens_per_s, source=f"server model {server.name}")
 
 
-def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 8, traces: int = 1000,
+def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 2, traces: int = 1000,
              policies: list[str] | None = None, seed: int = 0, workload: list[Trace] | None = None,
              block_tokens: int = 64, hbm_kv_gib: float | None = None, json_path: str | None = None,
              plot_path: str | None = None, progress: bool = True, quiet: bool = False,
