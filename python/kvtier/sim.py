@@ -322,7 +322,7 @@ def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 2, 
         "kind": "SIMULATION (modelled server, virtual time; no model runs, no bytes move)",
         "server": asdict(server), "servers": servers, "traces": len(trs),
         "steps": sum(len(t.steps) for t in trs), "block_tokens": block_tokens, "seed": seed,
-        "wall_s": wall, "policies": results, "model": f"simulated {server.name}", "title": "kvtier simulate",
+        "wall_s": wall, "policies": results, "model": f"simulated {server.name}", "title": "kvtier simulate (SIMULATION)",
         "time_axis": "simulated time",
     }
     if not quiet:
