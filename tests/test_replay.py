@@ -43,8 +43,11 @@ def test_policies_agree_on_tokens_and_order_on_prefill(model_dir: Path, tmp_path
     assert report["tokens_identical"]
     p = report["policies"]
     comp = {k: v["prefill_tokens"]["computed"] for k, v in p.items()}
-    assert comp["trace-aware"] <= comp["tiered"] <= comp["device-lru"] < comp["none"] == p["none"]["prefill_tokens"]["total"]
     ta = p["trace-aware"]["trace_policy"]
+    # Tokens recomputed on purpose because a restore ran late (timing-dependent) aside, trace-aware
+    # computes no more than tiered: it also keeps each trace's partial tail block.
+    assert comp["trace-aware"] - ta["late_recompute_tokens"] <= comp["tiered"]
+    assert comp["tiered"] <= comp["device-lru"] < comp["none"] == p["none"]["prefill_tokens"]["total"]
     assert sum(ta["decisions"].values()) == sum(len(t.steps) - 1 for t in traces)  # one per tool call
     assert ta["tail_tokens_reused"] > 0 and "cost_model" in p["trace-aware"]
     for t in traces:
