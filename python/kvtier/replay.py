@@ -280,8 +280,11 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     }
     render_table(results, f"kvtier replay: {len(trs)} traces, {report['config']['steps']} steps, "
                           f"device budget {device_budget / 2**20:.1f} MiB")
-    console.print("generated tokens identical across policies: "
-                  + ("[green]yes[/green]" if identical else "[red]NO[/red]"))
+    if len(results) > 1:
+        console.print("generated tokens identical across policies: "
+                      + ("[green]yes[/green]" if identical else "[red]NO[/red]"))
+    else:
+        console.print("one policy replayed: --policy all compares them (and checks their tokens agree)")
     save_report(report, json_path, plot_path, console)
     if not identical:
         raise kvtier.KvtierError("policies generated different tokens: the cache changed the model's outputs")
