@@ -365,3 +365,22 @@ def test_trace_metrics_export_to_prometheus(tmp_path: Path) -> None:
     assert 'kvtier_trace_gap_sources_total{cache="t",source="hint"} 1.0' in text
     assert 'kvtier_trace_demoted_blocks_total{cache="t"} 4.0' in text
     assert 'kvtier_trace_open{cache="t"} 2.0' in text
+
+
+def test_cost_model_from_bench_reports(tmp_path: Path) -> None:
+    import json
+
+    copy = {"suite": "copy", "results": [{"case": "x vllm_flash gather", "kvtier_gbps": 10.0},
+                                         {"case": "y kv_first gather", "kvtier_gbps": 20.0},
+                                         {"case": "x vllm_flash scatter", "kvtier_gbps": 12.0}]}
+    (tmp_path / "nvme.json").write_text(json.dumps({"suite": "nvme", "results": [
+        {"case": "a write", "mode": "write", "kvtier_gbps": 1.0},
+        {"case": "a read", "mode": "read", "kvtier_gbps": 2.0},
+        {"case": "a randread", "mode": "randread", "kvtier_gbps": 9.0}]}))
+    c = CostModel.from_bench(L.block_bytes, BT, 1e-4, copy_report=copy, nvme_report=str(tmp_path / "nvme.json"))
+    assert c.bandwidth["device->dram"] == 15e9 and c.bandwidth["dram->device"] == 12e9
+    assert c.bandwidth["dram->nvme"] == 1e9 and c.bandwidth["nvme->dram"] == 2e9
+    with pytest.raises(kvtier.InvalidArgumentError, match="no 'results'"):
+        CostModel.from_bench(L.block_bytes, BT, 1e-4, copy_report={"suite": "copy"})
+    with pytest.raises(kvtier.InvalidArgumentError, match="cannot read"):
+        CostModel.from_bench(L.block_bytes, BT, 1e-4, nvme_report=str(tmp_path / "missing.json"))

@@ -113,6 +113,51 @@ class CostModel:
         if tokens > 0 and seconds > 0:
             self.recompute_s_per_token += weight * (seconds / tokens - self.recompute_s_per_token)
 
+    @classmethod
+    def from_bench(cls, block_bytes: int, block_tokens: int, recompute_s_per_token: float, *,
+                   copy_report: str | dict[str, Any] | None = None,
+                   nvme_report: str | dict[str, Any] | None = None) -> CostModel:
+        """Bandwidths from ``kvtier bench copy --json`` (device<->DRAM: the median of its gather
+        cases one way, of its scatter cases the other) and ``kvtier bench nvme --json`` (DRAM<->NVMe:
+        the median of its sequential write and read cases) instead of calibrating."""
+        def load(r: str | dict[str, Any] | None, suite: str) -> list[dict[str, Any]]:
+            if r is None:
+                return []
+            if isinstance(r, str):
+                import json
+
+                try:
+                    with open(r) as f:
+                        r = json.load(f)
+                except (OSError, ValueError) as e:
+                    raise InvalidArgumentError(f"cannot read the {suite} bench report {r!r}: {e}") from None
+            results = r.get("results") if isinstance(r, dict) else None
+            if not isinstance(results, list):
+                raise InvalidArgumentError(f"not a kvtier bench {suite} report: no 'results' list")
+            return results
+
+        def median(rows: list[dict[str, Any]], pick: Any) -> float | None:
+            vals = [row["kvtier_gbps"] * 1e9 for row in rows if pick(row) and row.get("kvtier_gbps")]
+            return float(np.median(vals)) if vals else None
+
+        copy, nvme = load(copy_report, "copy"), load(nvme_report, "nvme")
+        bw: dict[str, float] = {}
+        out_bw = median(copy, lambda r: r["case"].endswith("gather"))
+        in_bw = median(copy, lambda r: r["case"].endswith("scatter"))
+        if out_bw:
+            bw["device->dram"] = out_bw
+        if in_bw:
+            bw.update({"dram->device": in_bw, "dram->engine": in_bw, "device->engine": in_bw})
+        wr = median(nvme, lambda r: r.get("mode") == "write")
+        rd = median(nvme, lambda r: r.get("mode") == "read")
+        if wr:
+            bw["dram->nvme"] = wr
+        if rd:
+            bw["nvme->dram"] = rd
+        if not bw:
+            raise InvalidArgumentError("the bench reports hold no kvtier figures to take bandwidths from")
+        return cls(block_bytes, block_tokens, bw, recompute_s_per_token, source="kvtier bench reports")
+
     def as_dict(self) -> dict[str, Any]:
         return {"block_bytes": self.block_bytes, "block_tokens": self.block_tokens,
                 "bandwidth_GBps": {k: v / 1e9 for k, v in self.bandwidth.items()},
