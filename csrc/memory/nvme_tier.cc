@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <unordered_set>
 
 namespace kvtier {
 namespace {
@@ -614,12 +615,17 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey>
   const size_t n = keys.size();
   // Claim slots for keys not stored yet (all or nothing), under the index lock.
   std::vector<uint32_t> fresh;
+  fresh.reserve(n);
   {
+    // A key repeated within the batch is written once (its first position). A hash set, not a
+    // scan of `fresh`: the scan was quadratic (2.5 ms before the first request at 2730 blocks).
+    std::unordered_set<BlockKey, BlockKeyHash> in_batch;
+    in_batch.reserve(n);
     std::lock_guard<std::mutex> lock(index_mu_);
     for (size_t b = 0; b < n; ++b) {
-      bool dup_in_batch = false;
-      for (uint32_t f : fresh) dup_in_batch |= (req->keys[f] == req->keys[b]);
-      if (!dup_in_batch && index_.find(req->keys[b]) == index_.end()) fresh.push_back(static_cast<uint32_t>(b));
+      if (index_.find(req->keys[b]) == index_.end() && in_batch.insert(req->keys[b]).second) {
+        fresh.push_back(static_cast<uint32_t>(b));
+      }
     }
     std::vector<int32_t> ids(fresh.size());
     if (Status st = slots_.Allocate(fresh.size(), ids.data()); !st.ok()) {
