@@ -427,7 +427,7 @@ def nixl_available(python_exe: str | None = None, timeout_s: float = 120) -> str
 def run_nixl_posix(path: str, block_bytes: int, num_blocks: int, mode: Mode, repeat: int = 5, *,
                    python_exe: str | None = None, io_queue: NixlQueue = "default",
                    buffer_pages: BufferPages = "huge", seed: int = 0, quiet_wait_s: float = 10.0,
-                   timeout_s: float = 600) -> dict[str, Any]:
+                   timeout_s: float = 600, queue_depth: int | None = None) -> dict[str, Any]:
     """NIXL POSIX-backend anchor: one batched transfer of ``num_blocks`` x ``block_bytes``.
 
     Runs in ``python_exe`` (default ``$KVTIER_NIXL_PYTHON``, else this Python) as
@@ -437,6 +437,8 @@ def run_nixl_posix(path: str, block_bytes: int, num_blocks: int, mode: Mode, rep
     ``randread`` in a random permutation (one descriptor per block). Every timed read, and a
     read-back after the timed writes, is compared byte for byte with the data (``verified``).
     ``io_queue``: NIXL's kernel interface (``default`` is Linux AIO in the PyPI wheels).
+    ``queue_depth``: NIXL's ``kernel_queue_size`` (the size of its kernel AIO/io_uring queue;
+    NIXL's own default, 256, when None), so it can run at the same queue depth as the others.
     ``buffer_pages``: the DRAM buffer on transparent ``huge`` pages (what a numpy array of 4 MiB
     or more gets by default), ``small`` 4 KiB pages (often physically contiguous anyway), or
     ``scattered`` 4 KiB pages interleaved with another mapping's, so none are contiguous (what a
@@ -449,7 +451,8 @@ def run_nixl_posix(path: str, block_bytes: int, num_blocks: int, mode: Mode, rep
     exe = python_exe or _default_python()
     cfg = {"path": os.path.abspath(path), "block_bytes": block_bytes, "num_blocks": num_blocks,
            "mode": mode, "repeat": max(1, repeat), "io_queue": io_queue,
-           "buffer_pages": buffer_pages, "seed": seed, "quiet_wait_s": quiet_wait_s}
+           "buffer_pages": buffer_pages, "seed": seed, "quiet_wait_s": quiet_wait_s,
+           "queue_depth": queue_depth}
     # -I: the script's folder (which has a copy.py) must not shadow the standard library.
     cmd = [exe, "-I", os.path.abspath(__file__), "--nixl-worker", json.dumps(cfg)]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s,
@@ -542,6 +545,8 @@ def _nixl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             enable_prog_thread=False, backends=[], capture_telemetry=True))
         params = {"AIO": {"use_aio": "true"}, "URING": {"use_uring": "true"},
                   "POSIXAIO": {"use_posix_aio": "true"}}.get(cfg["io_queue"], {})
+        if cfg.get("queue_depth"):
+            params = {**params, "kernel_queue_size": str(cfg["queue_depth"])}
         agent.create_backend("POSIX", params)
         dram_reg = agent.register_memory([(addr, nbytes, 0, "")], "DRAM", backends=["POSIX"])
         file_reg = agent.register_memory([(0, nbytes, fd, "")], "FILE", backends=["POSIX"])
