@@ -4,9 +4,11 @@ For every case (sequential write, sequential read, random read; a Llama-3-8B-siz
 and a Qwen2-0.5B-sized 192 KiB block) the same number of blocks of the same size moves between
 DRAM and a file on the same file system three ways: kvtier's NVMe tier, fio (io_uring, O_DIRECT,
 at kvtier's queue depth; its best io_uring variant), and NIXL's POSIX backend (one batched
-transfer on an O_DIRECT descriptor, its kernel queue sized to the same queue depth). Every sample
-starts on a quiet disk. The three take turns, one repetition each per round, and
-medians over the rounds are compared. The anchor is the better of fio and NIXL; a peer that
+transfer on an O_DIRECT descriptor, its kernel queue sized to the same queue depth). Every
+sample starts on a flushed (``sync``), quiet disk. The default depth is 256: NIXL's Linux AIO
+queue admits more requests than asked for (the kernel sizes the AIO ring up: 254 for 64), so
+below 256 (what the disk admits) NIXL would run deeper than the other two. The three take turns,
+one repetition each per round, and medians over the rounds are compared. The anchor is the better of fio and NIXL; a peer that
 cannot run is reported as missing, never dropped silently.
 """
 
@@ -72,8 +74,8 @@ class _KvtierCase:
         self.noisy = 0
 
     def rep(self) -> None:
-        # Like every fio and NIXL sample: start on a quiet disk (not timed).
-        if not nvme_anchors.wait_for_quiet_disk(self.directory):
+        # Like every fio and NIXL sample: start on a flushed, quiet disk (not timed).
+        if not nvme_anchors.settle_disk(self.directory):
             self.noisy += 1
         if self.case.mode == "write":
             self.tier.evict(self.keys)
@@ -115,7 +117,7 @@ def _merge_peer(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_depth: int = 64,
+def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_depth: int = 256,
         max_io_bytes: int = 4 << 20, cases: str | None = None, nixl_python: str | None = None,
         seed: int = 0, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
