@@ -10,9 +10,9 @@
 //                       block_bytes rounded up to 4 KiB. Payloads of consecutive slots are
 //                       adjacent, so a batch of blocks in consecutive slots from consecutive
 //                       pool blocks goes out as one large request (Note [Request merging]).
-// Note [Write ordering]: a batch's headers are submitted only after every payload request of the
-// batch has completed, and the batch is acknowledged only after an fdatasync that follows all of
-// its headers (durable=true). So an acknowledged block is on disk whole; a crash can leave an
+// Note [Write ordering]: a block's header is submitted only after its payload request(s) completed,
+// and the batch is acknowledged only after an fdatasync that follows all of its headers
+// (durable=true). So an acknowledged block is on disk whole; a crash can leave an
 // old header in front of a partly overwritten payload, which fails its checksum on the way back
 // and is a miss. Nothing torn or stale is ever returned: every read verifies the checksum.
 // Note [Request merging]: on virtio and NVMe alike the cost per request dominates below a few
@@ -21,6 +21,12 @@
 // staging arena (consecutive pool blocks: the pool's block stride equals the payload size), up
 // to max_io_bytes per request; a block larger than that is split. Headers of consecutive slots
 // are written by one request too.
+// Note [Header groups]: a write batch's blocks are split into groups of consecutive positions (at
+// most 64 blocks and 64 MiB of payload). A group's headers go out (merged per run of consecutive
+// slots, ahead of queued payloads) as soon as every payload of the group completed, so headers
+// overlap the rest of the batch's payloads and only the last group's headers, then the
+// fdatasync, follow the last payload. Waiting for the whole batch first left 10.7 MiB of headers
+// (2730 blocks of 192 KiB) plus the fdatasync after the last payload: 8-12 ms of a ~110 ms batch.
 // Note [Recovery]: Open reads every slot header; a header with a bad checksum or magic marks a
 // free slot; when two slots claim one key the higher generation wins. Payloads are verified
 // lazily, on read.
@@ -140,7 +146,9 @@ class NvmeTier {
   void OnOpDone(IoOp* op, int res);
   void BlockDone(Request& req, uint32_t block, bool ok);
   void BuildPayloadOps(Request& req, IoOp::Kind kind);
-  void StartHeaders(Request& req);
+  void AssignHeaderGroups(Request& req) const;
+  void StartHeaders(Request& req, uint32_t group);
+  void GroupDone(Request& req);
   void RequestIoDone(Request& req);
   void Finalize(Request& req);
   int BufferIndex(const std::byte* p) const;

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     nvme.add_argument("--dir", default=None, help="directory on the file system to test (default: a new one here)")
     nvme.add_argument("--size-mib", type=_positive_int, default=512, help="bytes per case (default 512 MiB)")
     nvme.add_argument("--reps", type=_positive_int, default=3, help="repetitions per case (median reported)")
-    nvme.add_argument("--queue-depth", type=_positive_int, default=64, help="I/O queue depth for kvtier and fio")
+    nvme.add_argument("--queue-depth", type=_positive_int, default=256,
+                      help="I/O queue depth for kvtier, fio and NIXL (default 256: see docs/benchmarks.md)")
     nvme.add_argument("--max-io-kib", type=_positive_int, default=4096, help="kvtier largest I/O request (KiB)")
     nvme.add_argument("--cases", default=None, help="only cases whose name contains this text")
     nvme.add_argument("--nixl-python", default=None,

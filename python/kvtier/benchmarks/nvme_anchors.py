@@ -163,6 +163,19 @@ def wait_for_quiet_disk(path: str, timeout_s: float = 10.0, window_s: float = 0.
             return False
 
 
+def settle_disk(path: str, timeout_s: float = 10.0) -> bool:
+    """Before a sample: ``sync`` (writes back dirty pages and flushes the disk's write cache,
+    which on a VM is the host's page cache), then :func:`wait_for_quiet_disk`.
+
+    Without the flush, whichever run next flushes the disk's cache (kvtier's fdatasync; fio and
+    NIXL never flush) pays for the data every earlier run left in the host's cache: kvtier's
+    write samples took 0.2-0.56 s instead of ~0.1 s in about one round in six. Every peer settles
+    the same way before every sample. Returns False if the disk did not go quiet.
+    """
+    os.sync()
+    return wait_for_quiet_disk(path, timeout_s)
+
+
 def _summary(samples_s: Sequence[float], nbytes: int, num_blocks: int) -> dict[str, Any]:
     med = statistics.median(samples_s)
     best = min(samples_s)
@@ -293,7 +306,8 @@ def run_fio(path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode
     """fio io_uring O_DIRECT anchor: ``num_blocks`` x ``block_bytes`` at ``queue_depth``.
 
     Every variant in ``variants`` (default: all of :data:`FIO_VARIANTS`) runs ``repeat`` times,
-    interleaved, each after the disk went quiet; the anchor is the variant with the best median.
+    interleaved, each after the disk was flushed and went quiet; the anchor is the variant with
+    the best median.
     The file is written before the first run if it is short or sparse, so reads (``read``, and
     ``randread``: every block once, fio's random map) read real data and writes overwrite.
     ``reserve_hugetlb`` reserves hugetlb pages for the ``hugebufs`` variants (root; restored
@@ -336,7 +350,7 @@ def run_fio(path: str, block_bytes: int, num_blocks: int, queue_depth: int, mode
         noisy = 0
         for _ in range(max(1, repeat)):
             for name, cmd in runnable:
-                if quiet_wait_s > 0 and not wait_for_quiet_disk(path, quiet_wait_s):
+                if quiet_wait_s > 0 and not settle_disk(path, quiet_wait_s):
                     noisy += 1
                 before = _read_dev_stat(stat_path)
                 t0 = time.perf_counter()
@@ -427,16 +441,18 @@ def nixl_available(python_exe: str | None = None, timeout_s: float = 120) -> str
 def run_nixl_posix(path: str, block_bytes: int, num_blocks: int, mode: Mode, repeat: int = 5, *,
                    python_exe: str | None = None, io_queue: NixlQueue = "default",
                    buffer_pages: BufferPages = "huge", seed: int = 0, quiet_wait_s: float = 10.0,
-                   timeout_s: float = 600) -> dict[str, Any]:
+                   timeout_s: float = 600, queue_depth: int | None = None) -> dict[str, Any]:
     """NIXL POSIX-backend anchor: one batched transfer of ``num_blocks`` x ``block_bytes``.
 
     Runs in ``python_exe`` (default ``$KVTIER_NIXL_PYTHON``, else this Python) as
     ``python -I nvme_anchors.py --nixl-worker CONFIG``, answering JSON on stdout. The worker
     writes random data to ``path`` first (untimed), then times ``repeat`` transfers, each after
-    the disk went quiet: ``write`` overwrites the blocks, ``read`` reads them back in order,
-    ``randread`` in a random permutation (one descriptor per block). Every timed read, and a
+    the disk was flushed and went quiet: ``write`` overwrites the blocks, ``read`` reads them
+    back in order, ``randread`` in a random permutation (one descriptor per block). Every timed read, and a
     read-back after the timed writes, is compared byte for byte with the data (``verified``).
     ``io_queue``: NIXL's kernel interface (``default`` is Linux AIO in the PyPI wheels).
+    ``queue_depth``: NIXL's ``kernel_queue_size`` (the size of its kernel AIO/io_uring queue;
+    NIXL's own default, 256, when None), so it can run at the same queue depth as the others.
     ``buffer_pages``: the DRAM buffer on transparent ``huge`` pages (what a numpy array of 4 MiB
     or more gets by default), ``small`` 4 KiB pages (often physically contiguous anyway), or
     ``scattered`` 4 KiB pages interleaved with another mapping's, so none are contiguous (what a
@@ -449,7 +465,8 @@ def run_nixl_posix(path: str, block_bytes: int, num_blocks: int, mode: Mode, rep
     exe = python_exe or _default_python()
     cfg = {"path": os.path.abspath(path), "block_bytes": block_bytes, "num_blocks": num_blocks,
            "mode": mode, "repeat": max(1, repeat), "io_queue": io_queue,
-           "buffer_pages": buffer_pages, "seed": seed, "quiet_wait_s": quiet_wait_s}
+           "buffer_pages": buffer_pages, "seed": seed, "quiet_wait_s": quiet_wait_s,
+           "queue_depth": queue_depth}
     # -I: the script's folder (which has a copy.py) must not shadow the standard library.
     cmd = [exe, "-I", os.path.abspath(__file__), "--nixl-worker", json.dumps(cfg)]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s,
@@ -542,6 +559,8 @@ def _nixl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             enable_prog_thread=False, backends=[], capture_telemetry=True))
         params = {"AIO": {"use_aio": "true"}, "URING": {"use_uring": "true"},
                   "POSIXAIO": {"use_posix_aio": "true"}}.get(cfg["io_queue"], {})
+        if cfg.get("queue_depth"):
+            params = {**params, "kernel_queue_size": str(cfg["queue_depth"])}
         agent.create_backend("POSIX", params)
         dram_reg = agent.register_memory([(addr, nbytes, 0, "")], "DRAM", backends=["POSIX"])
         file_reg = agent.register_memory([(0, nbytes, fd, "")], "FILE", backends=["POSIX"])
@@ -577,7 +596,7 @@ def _nixl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         for _ in range(cfg["repeat"]):
             if mode != "write":
                 buf.fill(0)
-            if cfg["quiet_wait_s"] > 0 and not wait_for_quiet_disk(path, cfg["quiet_wait_s"]):
+            if cfg["quiet_wait_s"] > 0 and not settle_disk(path, cfg["quiet_wait_s"]):
                 noisy += 1
             before = _read_dev_stat(stat_path)
             s = run(timed)
