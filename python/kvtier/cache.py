@@ -205,7 +205,7 @@ class TieredCache:
 
     # ------------------------------------------------------------------ load (promotion)
 
-    def load(self, match: PrefixMatch, dst: KVRegistration, dst_blocks: Any) -> LoadHandle:
+    def load(self, match: PrefixMatch, dst: KVRegistration, dst_blocks: Any, promote_min_refs: int = 0) -> LoadHandle:
         """Copy the matched prefix into ``dst`` blocks ``dst_blocks[i]`` (one per hit block).
 
         Device and DRAM blocks are copied straight into ``dst`` in chunks of ``load_chunk_blocks``;
@@ -216,6 +216,8 @@ class TieredCache:
         be made without evicting pinned blocks. A block that is missing or fails its checksum on
         the way back ends the prefix there: ``match.hit_blocks`` (and the handle's
         ``total_blocks``) shrink to what was loaded, and the caller recomputes the rest.
+        With ``promote_min_refs`` > 0 only DRAM hits owned by that many traces are promoted (the
+        trace-aware policy moves each trace's private blocks itself, around its tool gaps).
         """
         dst_ids = as_block_ids(dst_blocks, "destination blocks")
         if len(dst_ids) < match.hit_blocks:
@@ -249,7 +251,10 @@ class TieredCache:
         self.metrics.prefill_tokens_saved += n * self.block_tokens
         # Promotion reads the same DRAM blocks the load is reading; the copy engine's leases keep
         # each block alive until every transfer that reads it is done.
-        self._promote_dram(match.keys[:n], tiers, blocks)
+        promote = tiers
+        if promote_min_refs > 0:  # a trace policy places private blocks itself: promote shared ones only
+            promote = np.where(self.index.refs(match.keys[:n]) >= promote_min_refs, tiers, 255)
+        self._promote_dram(match.keys[:n], promote, blocks)
         return handle
 
     def _load_from_nvme(self, match: PrefixMatch, on_nvme: np.ndarray, dst: KVRegistration,

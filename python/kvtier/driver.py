@@ -136,7 +136,7 @@ class PolicyRunner:
                 return StepResult([], 0, 0, 0.0, wait_s=plan.wait_s)
             match = plan.match
             pinned = match.hit_blocks
-            cache.load(match, ex.registration, np.arange(match.hit_blocks)).wait()
+            cache.load(match, ex.registration, np.arange(match.hit_blocks), promote_min_refs=2).wait()
             # A block lost on the way (corrupt on NVMe) shortens the prefix, and the tail with it.
             hit = plan.hit_tokens if match.hit_blocks == pinned else match.hit_blocks * bt
         elif cache is not None:
