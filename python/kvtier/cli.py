@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--traces", type=_positive_int, default=8, help="traces in the generated workload")
     rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
     rp.add_argument("--write-workload", metavar="PATH", help="write the generated workload as JSONL and exit")
+    rp.add_argument("--compute-time", choices=("measured", "calibrated"), default="measured",
+                    help="a step's model compute: its wall time (default), or its tokens at the model's "
+                         "measured per-token speed (less noise; cache work is timed either way)")
     rp.add_argument("--torch-threads", type=_positive_int, default=None,
                     help="compute threads for the model (default: half the cores)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
                        plot_path=args.plot, device_budget=args.device_budget, dram_budget=args.dram_budget,
                        nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed, traces=args.traces,
-                       progress=not args.no_progress, torch_threads=args.torch_threads)
+                       progress=not args.no_progress, torch_threads=args.torch_threads,
+                       compute_time=args.compute_time)
             return 0
         if args.command == "simulate":
             return _simulate(args)

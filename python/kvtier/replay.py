@@ -8,6 +8,13 @@ wall time of its cache lookup, KV load, prefill + decode and store on this machi
 and arrivals are virtual (not slept). A trace's JCT is the virtual time from its arrival to the end
 of its last step, so JCT includes queueing behind other traces, as on a real server. The policies
 and the event loop are in :mod:`kvtier.driver` (Note [Virtual time]), shared with ``kvtier simulate``.
+
+Note [Calibrated compute]: with ``compute_time="calibrated"`` (``--compute-time calibrated``) the
+model still runs every step for real (the tokens are still compared), but a step's compute counts
+as its prefilled tokens times the prefill time per token and its generated tokens times the decode
+time per token, both measured on this machine at start-up; lookups, loads, stores, copies and I/O
+are still timed by the wall clock. On a small shared machine the model's wall time varies between
+runs by more than the policies differ; this takes that noise out and keeps the rest real.
 """
 
 from __future__ import annotations
@@ -102,31 +109,43 @@ class ModelExecutor:
     """Steps on a real transformers decoder: a :class:`KvtierCache` the cache loads into and
     stores from, and greedy ``generate``; the stopwatch is wall time."""
 
-    def __init__(self, model: Any, max_tokens: int) -> None:
+    def __init__(self, model: Any, max_tokens: int, speed: dict[str, float] | None = None) -> None:
         from kvtier.integrations.transformers import KvtierCache
 
         self.model = model
+        # With ``speed`` (Note [Calibrated compute]) the stopwatch counts the model's compute at its
+        # measured per-token speed instead of its wall time; everything else stays wall time.
+        self.speed = speed
+        self._adjust = 0.0
+        self._cached = 0
         self.kvc = KvtierCache(model.config, max_tokens=max_tokens, block_tokens=BLOCK_TOKENS, dtype=model.dtype)
         self.registration = self.kvc.registration
         self.layout = self.kvc.layout
 
     def reset(self) -> None:
         self.kvc.reset()
+        self._cached = 0
 
     def set_cached(self, tokens: int) -> None:
         self.kvc.set_seq_length(tokens)
+        self._cached = tokens
 
     def compute(self, ctx: np.ndarray, generate: int, trace_id: str, step: int) -> tuple[list[int], int, float]:
         import torch
 
         ids = torch.from_numpy(ctx).unsqueeze(0)
+        t0 = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{_CACHE_KW: self.kvc},
                                       max_new_tokens=generate, min_new_tokens=generate, do_sample=False)
+        if self.speed is not None:
+            modelled = ((len(ctx) - self._cached) * self.speed["prefill_s_per_token"]
+                        + generate * self.speed["decode_s_per_token"])
+            self._adjust += modelled - (time.perf_counter() - t0)
         return out[0, len(ctx):].tolist(), self.kvc.get_seq_length(), 0.0
 
     def stopwatch(self) -> float:
-        return time.perf_counter()
+        return time.perf_counter() + self._adjust
 
     def prefill_s_per_token(self, tokens: int = 256, reps: int = 3) -> float:
         """Measured prefill time per token of this model on this machine (best of ``reps``)."""
@@ -169,12 +188,15 @@ def _ctx_len(by_id: dict[str, Trace], t: Trace, upto: int) -> int:
 def run(model_dir: str | None = None, workload: str | None = None, policies: list[str] | None = None,
         json_path: str | None = None, plot_path: str | None = None, device_budget: int | None = None,
         dram_budget: int | None = None, nvme_dir: str | None = None, nvme_budget: int | None = None,
-        seed: int = 0, traces: int = 8, progress: bool = True, torch_threads: int | None = None) -> dict[str, Any]:
+        seed: int = 0, traces: int = 8, progress: bool = True, torch_threads: int | None = None,
+        compute_time: str = "measured") -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     chosen = check_policies(policies) if policies else [DEFAULT_POLICY]
+    if compute_time not in ("measured", "calibrated"):
+        raise InvalidArgumentError(f"compute_time must be 'measured' or 'calibrated', got {compute_time!r}")
     if model_dir is None:
         cache_dir = Path(os.environ.get("KVTIER_CACHE_DIR", Path.home() / ".cache" / "kvtier"))
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +257,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
 
         replays = {}
         for p in chosen:
-            ex = ModelExecutor(model, max_tokens)
+            ex = ModelExecutor(model, max_tokens, model_speed if compute_time == "calibrated" else None)
             if p == "trace-aware":
                 # The cost model: this model's measured prefill time per token, this machine's tiers.
                 probe = make_cache("calibrate")
@@ -271,7 +293,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                    "nvme_budget_bytes": nvme_budget, "workload_kv_bytes": workload_kv, "traces": len(trs),
                    "steps": sum(len(t.steps) for t in trs), "seed": seed, "vocab_size": vocab,
                    "workload_file": None if workload is None else str(Path(workload).resolve()),
-                   "workload_roots": traces, "torch_threads": threads},
+                   "workload_roots": traces, "torch_threads": threads, "compute_time": compute_time},
         "model_speed": model_speed,
         "time_model": "virtual: measured step service times on this machine, virtual tool gaps and arrivals; "
                       "background moves of the trace-aware policy timed on the copy lane (kvtier.driver)",
