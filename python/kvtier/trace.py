@@ -136,6 +136,7 @@ class TraceMetrics:
     expired_leases: int = 0
     tail_tokens_reused: int = 0  # partial-tail tokens loaded instead of recomputed
     headroom_runs: int = 0  # background demotions that kept headroom free (Note [Headroom])
+    farthest_demoted_blocks: int = 0  # freed for a restore from traces back later (Note [Farthest resume first])
 
     def snapshot(self) -> dict[str, Any]:
         late = np.asarray(self.prefetch_lateness_s, dtype=float)
@@ -149,7 +150,7 @@ class TraceMetrics:
             "demoted_blocks": self.demoted_blocks, "dropped_blocks": self.dropped_blocks,
             "late_recompute_tokens": self.late_recompute_tokens, "waited_s": self.waited_s,
             "expired_leases": self.expired_leases, "tail_tokens_reused": self.tail_tokens_reused,
-            "headroom_runs": self.headroom_runs,
+            "headroom_runs": self.headroom_runs, "farthest_demoted_blocks": self.farthest_demoted_blocks,
         }
 
 
@@ -186,6 +187,7 @@ class Trace:
         self._restore_blocks = 0
         self._lateness_recorded = False
         self._match: PrefixMatch | None = None
+        self.expected_resume = float("inf")  # while waiting on a tool: when the trace should be back
 
     # ------------------------------------------------------------------ introspection
 
@@ -327,6 +329,7 @@ class Trace:
         now = mgr._now(now)
         self.tool, self._tool_started = tool, now
         gap, gap_low, source = mgr.gaps.estimate(tool, expected_gap_s)
+        self.expected_resume = now + gap
         private = self.private_keys()
         where, _ = mgr.cache.locate(private)
         on_device = private[where == DEVICE]
@@ -344,6 +347,14 @@ class Trace:
         if d.action is Action.KEEP:
             self._set_lease(self.owned_keys(), now + (d.ttl_s or 0.0))
             self.state = TraceState.TOOL
+            # Blocks of the trace that already sit below the device (LRU demoted them while it ran)
+            # are restored before the resume as well.
+            where, _ = cache.locate(self.owned_keys())
+            below_dram, below_nvme = int((where == DRAM).sum()), int((where == NVME).sum())
+            if below_dram + below_nvme:
+                restore = mgr.cost.restore_s(below_dram, DRAM) + mgr.cost.restore_s(below_nvme, NVME)
+                self._prefetch_due = now + max(0.0, gap_low - mgr.policy.prefetch_safety * restore)
+                mgr._schedule(self._prefetch_due, self)
         elif d.action is Action.DROP:
             mgr.metrics.dropped_blocks += cache.drop_keys(on_device)
             self.state = TraceState.PARKED
@@ -364,7 +375,7 @@ class Trace:
             raise InvalidArgumentError(f"trace {self.id!r} is {self.state.value}, not waiting on a tool")
         now = self._mgr._now(now)
         self._mgr.gaps.observe(self.tool, now - self._tool_started)
-        if self.state is TraceState.PARKED and self._prefetch_due is not None:
+        if self._prefetch_due is not None:
             self._prefetch(now)
         self.state = TraceState.RESUMED
 
@@ -374,7 +385,11 @@ class Trace:
         keys = self.owned_keys()
         if len(keys) == 0:
             return
-        start, done, _ = mgr.restore_lane.run(at, lambda: mgr.cache.promote_keys(keys, DEVICE))
+        def restore() -> None:
+            mgr._make_room_for(self, keys)
+            mgr.cache.promote_keys(keys, DEVICE)
+
+        start, done, _ = mgr.restore_lane.run(at, restore)
         where, _ = mgr.cache.locate(keys)
         here = keys[where == DEVICE]
         self._restore = (start, done)
@@ -425,7 +440,8 @@ class Trace:
             self._lease = _EMPTY_KEYS
 
     def _on_due(self, now: float) -> None:
-        if self._prefetch_due is not None and self._prefetch_due <= now and self.state is TraceState.PARKED:
+        if (self._prefetch_due is not None and self._prefetch_due <= now
+                and self.state in (TraceState.TOOL, TraceState.PARKED)):
             self._prefetch(self._prefetch_due)
         if len(self._lease) and self._lease_until <= now:
             self._release_lease()
@@ -546,6 +562,38 @@ class TraceManager:
             _, _, t = heapq.heappop(self._due)
             if t.state is not TraceState.CLOSED:
                 t._on_due(now)
+
+    def _make_room_for(self, trace: Trace, keys: np.ndarray) -> None:
+        """Note [Farthest resume first]: before a restore, free room on the device and in DRAM for
+        ``keys`` by demoting the private blocks of waiting traces expected back *later* than
+        ``trace``, the latest first, instead of leaving it to LRU order (which may push out a
+        trace that resumes sooner, or the blocks just restored)."""
+        cache = self.cache
+        where, _ = cache.locate(keys)
+        for tier, need in ((DRAM, int((where == NVME).sum())), (DEVICE, int((where != DEVICE).sum()))):
+            if need == 0 or not cache.has_tier(tier) or not cache.has_tier(tier + 1):
+                continue
+            short = need - cache.tier_free_blocks(tier)
+            if short <= 0:
+                continue
+            later = sorted((t for t in self._traces.values()
+                            if t is not trace and t.state in (TraceState.TOOL, TraceState.PARKED)
+                            and t.expected_resume > trace.expected_resume and not len(t._lease)),
+                           key=lambda t: -t.expected_resume)
+            for t in later:
+                pk = t.private_keys()
+                if len(pk) == 0:
+                    continue
+                w, _ = cache.locate(pk)
+                on = pk[w == tier]
+                if len(on) == 0:
+                    continue
+                before = cache.tier_free_blocks(tier)
+                cache.demote_keys(on[-short:], tier + 1)  # the tail of its context first
+                self.metrics.farthest_demoted_blocks += cache.tier_free_blocks(tier) - before
+                short = need - cache.tier_free_blocks(tier)
+                if short <= 0:
+                    break
 
     def _keep_headroom(self, now: float) -> None:
         """Note [Headroom] in kvtier/policy.py."""
