@@ -384,3 +384,29 @@ def test_cost_model_from_bench_reports(tmp_path: Path) -> None:
         CostModel.from_bench(L.block_bytes, BT, 1e-4, copy_report={"suite": "copy"})
     with pytest.raises(kvtier.InvalidArgumentError, match="cannot read"):
         CostModel.from_bench(L.block_bytes, BT, 1e-4, nvme_report=str(tmp_path / "missing.json"))
+
+
+def test_restore_makes_room_from_the_trace_back_last(tmp_path: Path) -> None:
+    """Note [Farthest resume first]: a restore frees DRAM from the waiting trace expected back
+    last, not from the least recently used one (which here resumes sooner)."""
+    cache = make(tmp_path, device=16, dram=8, nvme=64)  # DRAM: 7 usable blocks + 1 staging reserve
+    keep_all = TraceAwarePolicy(fill_keep=1.0, keep_share=1.0)
+    mgr = TraceManager(cache, cost(), policy=keep_all)
+    traces = {}
+    for i, name in enumerate(("c", "b", "a")):  # 3 private full blocks each
+        t = mgr.open(name)
+        run_step(t, 100 * (i + 1) + np.arange(3 * BT), 0.0, seed=i)
+        t.tool_start(expected_gap_s=100.0, now=0.0)
+        t.release_retained()
+        traces[name] = t
+    c, b, a = traces["c"], traces["b"], traces["a"]
+    c.expected_resume, b.expected_resume, a.expected_resume = 20.0, 1000.0, 10.0
+    cache.demote_keys(a.owned_keys(), 2)  # a on NVMe (through an empty DRAM)
+    cache.demote_keys(c.owned_keys(), DRAM)  # then c: the least recently used in DRAM
+    cache.demote_keys(b.owned_keys(), DRAM)
+    assert c.tiers()["dram"] == 3 and b.tiers()["dram"] == 3 and a.tiers()["nvme"] == 3
+    c._prefetch_due = b._prefetch_due = None  # only a's restore is under test
+    a._prefetch(5.0)
+    assert a.tiers()["device"] == 3
+    assert c.tiers()["dram"] == 3  # c comes back soon: left alone although least recently used
+    assert b.tiers()["nvme"] >= 1 and mgr.metrics.farthest_demoted_blocks >= 1

@@ -62,8 +62,11 @@ def build_default_model(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+    # Note [Built-in model]: the KV of a real 8B model per token (6 layers x 2 x 8 KV heads x 256 x
+    # 4 bytes = 96 KiB; Llama-3-8B has 128 KiB) on the compute of a tiny one, so that moving KV
+    # between tiers costs about what it costs next to a real model, on a CPU.
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=8, head_dim=256, max_position_embeddings=4096,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
@@ -200,8 +203,9 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     if model_dir is None:
         cache_dir = Path(os.environ.get("KVTIER_CACHE_DIR", Path.home() / ".cache" / "kvtier"))
         cache_dir.mkdir(parents=True, exist_ok=True)
-        model_path = build_default_model(cache_dir / "small-llama-v2", seed=0)
-        model_name = "built-in small-llama-v2 (6 layers, hidden 512, 8 heads, 2 kv heads, random weights)"
+        model_path = build_default_model(cache_dir / "small-llama-kv-v3", seed=0)
+        model_name = ("built-in small-llama-kv-v3 (6 layers, hidden 256, 8 KV heads x 256: 96 KiB of KV per token, "
+                      "random weights)")
     else:
         model_path = Path(model_dir)
         model_name = str(model_path)
