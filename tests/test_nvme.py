@@ -210,41 +210,6 @@ def test_large_batch_headers_in_groups(tmp_path: Path, every: int) -> None:
     np.testing.assert_array_equal(pool.view()[ids[found]], data[found])
 
 
-@pytest.mark.parametrize("every", [0, 4, 9])
-def test_blocks_straddling_request_windows(tmp_path: Path, every: int) -> None:
-    # 12 KiB blocks, 32 KiB requests: merged runs end on 32 KiB boundaries of the file, so every
-    # few blocks one is split across two requests (Note [Request alignment]). Each block is
-    # reported only once both its parts are done and verified; with injected I/O errors a block
-    # with a failed part is never reported written or read.
-    pool = kvtier.HostPool(12288, num_blocks=64)
-    ids = pool.allocate(64)
-    data = fill(pool, ids, seed=13)
-    keys = np.arange(1, 65)
-    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=64, max_io_bytes=32768)
-    tier.inject_io_errors(every)
-    h = tier.write(keys, ids)
-    if every:
-        with pytest.raises(kvtier.TransferError, match="not written"):
-            h.wait()
-    else:
-        h.wait()
-    wrote = h.block_ok
-    tier.inject_io_errors(0)
-    assert tier.contains(keys).tolist() == wrote.tolist()
-    for order in (np.arange(64), np.random.default_rng(every).permutation(64)):
-        pool.view()[ids] = 0
-        tier.inject_io_errors(every)
-        h = tier.read(keys[order], ids[order])
-        h.wait()
-        tier.inject_io_errors(0)
-        got = h.block_ok
-        assert not (got & ~wrote[order]).any()
-        if not every:
-            assert got.all()
-        np.testing.assert_array_equal(pool.view()[ids[order][got]], data[order][got])
-    tier.close()
-
-
 def test_injected_read_errors_are_misses(tmp_path: Path, pool: kvtier.HostPool) -> None:
     ids = pool.allocate(4)
     fill(pool, ids, seed=9)

@@ -20,10 +20,7 @@ constexpr uint64_t kHeaderBytes = 4096;
 constexpr uint64_t kMaxRegisteredSpan = uint64_t{1} << 30;  // io_uring: at most 1 GiB per buffer
 constexpr char kSuperMagic[8] = {'K', 'V', 'T', 'S', 'U', 'P', 'R', '1'};
 constexpr char kSlotMagic[8] = {'K', 'V', 'T', 'S', 'L', 'O', 'T', '1'};
-constexpr uint32_t kFormatVersion = 2;  // 2: the payload region starts on a kPayloadAlign boundary
-// Note [Request alignment]: the payload region starts on a 4 MiB boundary of the file, so merged
-// requests tile aligned 4 MiB windows and ext4's extents (multiples of 8 MiB here) never split one.
-constexpr uint64_t kPayloadAlign = uint64_t{4} << 20;
+constexpr uint32_t kFormatVersion = 1;
 constexpr uint32_t kNoGroup = ~uint32_t{0};
 constexpr uint64_t kGroupHeaders = 64;                     // blocks per header group, at most
 constexpr uint64_t kGroupPayloadBytes = uint64_t{64} << 20;  // payload bytes per header group, at most
@@ -108,7 +105,6 @@ Status NvmeTier::Init() {
   namespace fs = std::filesystem;
   payload_bytes_ = RoundUp(options_.block_bytes, kAlign);
   header_table_bytes_ = kHeaderBytes * options_.num_slots;
-  payload_base_ = RoundUp(header_table_bytes_, kPayloadAlign);
   std::error_code ec;
   fs::create_directories(options_.directory, ec);
   if (ec) return InvalidArgument("cannot create the NVMe tier directory " + options_.directory + ": " + ec.message());
@@ -161,7 +157,7 @@ Status NvmeTier::Init() {
     fd_ = open(slots_path_.c_str(), flags, 0644);
   }
   if (fd_ < 0) return InvalidArgument("cannot open " + slots_path_ + ": " + Errno(errno));
-  const uint64_t file_bytes = payload_base_ + payload_bytes_ * options_.num_slots;
+  const uint64_t file_bytes = header_table_bytes_ + payload_bytes_ * options_.num_slots;
   struct stat st{};
   fstat(fd_, &st);
   if (static_cast<uint64_t>(st.st_size) < file_bytes) {
@@ -536,13 +532,8 @@ void NvmeTier::RequestIoDone(Request& req) {
 void NvmeTier::BuildPayloadOps(Request& req, IoOp::Kind kind) {
   // Note [Request merging]: runs of request positions whose slots and pool blocks are both
   // consecutive become one request of up to max_io_bytes; a larger block is split.
-  // Note [Request alignment]: a run ends at the next max_io_bytes boundary of the file after its
-  // start (the block that straddles it is split there, so sequential runs tile aligned windows
-  // as the block layer's own merging of fio's and NIXL's requests does). A block that starts a
-  // run is never split below max_io_bytes, so a lone (random) block stays one request.
   const uint32_t n = static_cast<uint32_t>(req.keys.size());
   const uint64_t max_io = options_.max_io_bytes;
-  uint64_t limit = 0;  // file offset the last op may grow to
   for (uint32_t b = 0; b < n; ++b) {
     if (!req.active[b]) continue;
     std::byte* ptr = staging_.block_ptr(req.pool_ids[b]);
@@ -553,28 +544,21 @@ void NvmeTier::BuildPayloadOps(Request& req, IoOp::Kind kind) {
         req.ops.push_back(IoOp{kind, b, 1, &req, ptr + c, static_cast<uint32_t>(std::min(max_io, payload_bytes_ - c)),
                                off + c});
       }
-      limit = 0;
       continue;
     }
     req.chunks_left[b] = 1;
-    if (!req.ops.empty() && limit > 0) {
+    if (!req.ops.empty()) {
       IoOp& last = req.ops.back();
       const uint32_t prev = last.first + last.count - 1;
-      if (last.kind == kind && prev + 1 == b && last.offset + last.len == off && ptr == last.buf + last.len &&
-          BufferIndex(ptr) == BufferIndex(last.buf) && off < limit) {
-        const uint64_t head = std::min(payload_bytes_, limit - off);
+      if (last.kind == kind && prev + 1 == b && last.len + payload_bytes_ <= max_io &&
+          req.slots[b] == req.slots[prev] + 1 && ptr == last.buf + last.len &&
+          BufferIndex(ptr) == BufferIndex(last.buf)) {
         ++last.count;
-        last.len += static_cast<uint32_t>(head);
-        if (head == payload_bytes_) continue;
-        // The block straddles the window's end: its tail opens the next window.
-        req.chunks_left[b] = 2;
-        req.ops.push_back(IoOp{kind, b, 1, &req, ptr + head, static_cast<uint32_t>(payload_bytes_ - head), off + head});
-        limit = (off + head) + max_io;
+        last.len += static_cast<uint32_t>(payload_bytes_);
         continue;
       }
     }
     req.ops.push_back(IoOp{kind, b, 1, &req, ptr, static_cast<uint32_t>(payload_bytes_), off});
-    limit = std::max(off + payload_bytes_, (off / max_io + 1) * max_io);
   }
 }
 
@@ -723,8 +707,7 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey>
   }
   // Room for every op the request will ever have (payload chunks, at most one header op per
   // block, the fdatasync): ops are referenced by the ring, so req.ops must never reallocate.
-  // (A block below max_io_bytes is at most two chunks: Note [Request alignment].)
-  req->ops.reserve(fresh.size() * ((payload_bytes_ + options_.max_io_bytes - 1) / options_.max_io_bytes + 1) +
+  req->ops.reserve(fresh.size() * ((payload_bytes_ + options_.max_io_bytes - 1) / options_.max_io_bytes) +
                    fresh.size() + 1);
   BuildPayloadOps(*req, IoOp::Kind::kPayloadWrite);
   AssignHeaderGroups(*req);
@@ -742,10 +725,10 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey>
   for (IoOp& op : raw->ops) ops.push_back(&op);
   uint64_t since_pump = 0;
   for (IoOp* op : ops) {
-    for (uint32_t b = op->first; b < op->first + op->count; ++b) {
-      // Each block is hashed with the op that holds its first byte (ops are queued in order).
-      const std::byte* start = staging_.block_ptr(raw->pool_ids[b]);
-      if (start >= op->buf && start < op->buf + op->len) raw->checksums[b] = Checksum64(start, options_.block_bytes);
+    if (op->buf == staging_.block_ptr(raw->pool_ids[op->first])) {  // the first chunk of its blocks
+      for (uint32_t b = op->first; b < op->first + op->count; ++b) {
+        raw->checksums[b] = Checksum64(staging_.block_ptr(raw->pool_ids[b]), options_.block_bytes);
+      }
     }
     since_pump += op->len;
     Enqueue(op);
@@ -794,7 +777,7 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Read(std::span<const BlockKey> 
     state->Complete(Status::Ok());
     return state;
   }
-  req->ops.reserve(hits * ((payload_bytes_ + options_.max_io_bytes - 1) / options_.max_io_bytes + 1));
+  req->ops.reserve(hits * ((payload_bytes_ + options_.max_io_bytes - 1) / options_.max_io_bytes));
   BuildPayloadOps(*req, IoOp::Kind::kPayloadRead);
   req->blocks_left.store(hits);
   active_requests_.fetch_add(1);

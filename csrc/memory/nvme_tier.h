@@ -109,7 +109,7 @@ class NvmeTier {
   uint64_t block_bytes() const noexcept { return options_.block_bytes; }
   uint64_t payload_bytes() const noexcept { return payload_bytes_; }
   uint64_t header_offset(uint32_t slot) const noexcept { return uint64_t(slot) * 4096; }
-  uint64_t payload_offset(uint32_t slot) const noexcept { return payload_base_ + uint64_t(slot) * payload_bytes_; }
+  uint64_t payload_offset(uint32_t slot) const noexcept { return header_table_bytes_ + uint64_t(slot) * payload_bytes_; }
   uint32_t num_slots() const noexcept { return options_.num_slots; }
   uint32_t queue_depth() const noexcept { return options_.queue_depth; }
   const std::string& io_mode() const noexcept { return io_mode_; }
@@ -157,7 +157,6 @@ class NvmeTier {
   HostPool& staging_;
   uint64_t payload_bytes_ = 0;  // block_bytes rounded up to 4 KiB
   uint64_t header_table_bytes_ = 0;
-  uint64_t payload_base_ = 0;  // header table rounded up to 4 MiB (Note [Request alignment])
   std::string super_path_, slots_path_, io_mode_;
   int super_fd_ = -1;
   int fd_ = -1;
