@@ -394,7 +394,7 @@ class TieredCache:
         if tier > NVME or (tier == DRAM and self.pools[DRAM] is None) or (tier == NVME and self.nvme is None):
             return 0
         if tier == NVME:
-            free = self.nvme.num_slots - self.nvme.stats()["used_slots"]
+            free = self.tier_free_blocks(NVME)
             if free < n:
                 keys, _, found = self.index.victims(NVME, n - free)
                 self.nvme.evict(keys)
@@ -508,20 +508,16 @@ class TieredCache:
         checksum is removed (a miss). Returns how many keys sit at ``tier`` afterwards."""
         keys = _as_keys(keys)
         where, _, _ = self.index.locate(keys)
-        present = keys[where != 255]
+        present, where = keys[where != 255], where[where != 255]
         if len(present) == 0:
             return 0
         self.index.pin(present)
         try:
-            where, blocks, _ = self.index.locate(present)
-            on_nvme = np.flatnonzero(where == NVME)
-            if len(on_nvme) and tier < NVME:
-                self._nvme_to_dram(present[on_nvme])
-            if tier == DEVICE:
+            if tier < NVME and (where == NVME).any():
+                self._nvme_to_dram(present[where == NVME])
+            if tier == DEVICE:  # where the NVMe reads left them
                 where, blocks, _ = self.index.locate(present)
-                pos = np.flatnonzero(where == DRAM)
-                if len(pos):
-                    self._promote_dram(present, where, blocks)
+                self._promote_dram(present, where, blocks)
         finally:
             self.index.unpin(present)
         where, _, _ = self.index.locate(keys)

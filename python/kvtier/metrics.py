@@ -35,96 +35,105 @@ from typing import Any
 from kvtier.errors import UnavailableError
 
 
-def register_cache(cache: Any, registry: Any = None, name: str = "default") -> Any:
-    """Register a scrape-time collector for ``cache``; returns the collector."""
+def _families() -> tuple[Any, Any]:
     try:
-        from prometheus_client import REGISTRY
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     except ImportError:
         raise UnavailableError("Prometheus export needs prometheus-client: pip install prometheus-client") from None
+    return CounterMetricFamily, GaugeMetricFamily
 
-    class _Collector:
-        def collect(self) -> Any:
-            snap = cache.metrics.snapshot()
-            hits = CounterMetricFamily("kvtier_cache_hits", "Blocks found, by tier", labels=["cache", "tier"])
-            for tier, v in snap["hits"].items():
-                hits.add_metric([name, tier], v)
-            yield hits
-            for key, help_text in (("misses", "Full blocks looked up and not found"),
-                                   ("lookups", "Prefix lookups"),
-                                   ("stored_blocks", "Blocks stored"),
-                                   ("dropped_blocks", "Blocks evicted from the last tier or refused by it"),
-                                   ("declined_blocks", "Blocks not stored: device and DRAM tiers pinned full"),
-                                   ("stored_below_blocks", "Blocks stored into DRAM: device tier pinned full"),
-                                   ("prefill_tokens_saved", "Prefill tokens loaded instead of recomputed")):
-                c = CounterMetricFamily(f"kvtier_cache_{key}", help_text, labels=["cache"])
-                c.add_metric([name], snap[key])
-                yield c
-            moved = CounterMetricFamily("kvtier_cache_bytes_moved", "Bytes moved between tiers",
-                                        labels=["cache", "src", "dst"])
-            for path, v in snap["bytes_moved"].items():
-                src, dst = path.split("->")
-                moved.add_metric([name, src, dst], v)
-            yield moved
-            blocks = GaugeMetricFamily("kvtier_cache_blocks", "Blocks held now, by tier", labels=["cache", "tier"])
-            for tier, v in cache.blocks_per_tier().items():
-                blocks.add_metric([name, tier], v)
-            yield blocks
-            lat = GaugeMetricFamily("kvtier_cache_transfer_latency_seconds", "Transfer latency quantiles",
-                                    labels=["cache", "path", "quantile"])
-            for path, d in snap["transfer_latency"].items():
-                lat.add_metric([name, path, "0.5"], d["p50_ms"] / 1e3)
-                lat.add_metric([name, path, "0.99"], d["p99_ms"] / 1e3)
-            yield lat
 
-    collector = _Collector()
+class _Collector:
+    """What prometheus_client registers: an object whose ``collect()`` yields metric families."""
+
+    def __init__(self, collect: Any) -> None:
+        self.collect = collect
+
+
+def _register(collect: Any, registry: Any) -> _Collector:
+    from prometheus_client import REGISTRY
+
+    collector = _Collector(collect)
     (registry if registry is not None else REGISTRY).register(collector)
     return collector
+
+
+def register_cache(cache: Any, registry: Any = None, name: str = "default") -> Any:
+    """Register a scrape-time collector for ``cache``; returns the collector."""
+    CounterMetricFamily, GaugeMetricFamily = _families()
+
+    def collect() -> Any:
+        snap = cache.metrics.snapshot()
+        hits = CounterMetricFamily("kvtier_cache_hits", "Blocks found, by tier", labels=["cache", "tier"])
+        for tier, v in snap["hits"].items():
+            hits.add_metric([name, tier], v)
+        yield hits
+        for key, help_text in (("misses", "Full blocks looked up and not found"),
+                               ("lookups", "Prefix lookups"),
+                               ("stored_blocks", "Blocks stored"),
+                               ("dropped_blocks", "Blocks evicted from the last tier or refused by it"),
+                               ("declined_blocks", "Blocks not stored: device and DRAM tiers pinned full"),
+                               ("stored_below_blocks", "Blocks stored into DRAM: device tier pinned full"),
+                               ("prefill_tokens_saved", "Prefill tokens loaded instead of recomputed")):
+            c = CounterMetricFamily(f"kvtier_cache_{key}", help_text, labels=["cache"])
+            c.add_metric([name], snap[key])
+            yield c
+        moved = CounterMetricFamily("kvtier_cache_bytes_moved", "Bytes moved between tiers",
+                                    labels=["cache", "src", "dst"])
+        for path, v in snap["bytes_moved"].items():
+            src, dst = path.split("->")
+            moved.add_metric([name, src, dst], v)
+        yield moved
+        blocks = GaugeMetricFamily("kvtier_cache_blocks", "Blocks held now, by tier", labels=["cache", "tier"])
+        for tier, v in cache.blocks_per_tier().items():
+            blocks.add_metric([name, tier], v)
+        yield blocks
+        lat = GaugeMetricFamily("kvtier_cache_transfer_latency_seconds", "Transfer latency quantiles",
+                                labels=["cache", "path", "quantile"])
+        for path, d in snap["transfer_latency"].items():
+            lat.add_metric([name, path, "0.5"], d["p50_ms"] / 1e3)
+            lat.add_metric([name, path, "0.99"], d["p99_ms"] / 1e3)
+        yield lat
+
+    return _register(collect, registry)
 
 
 def register_traces(manager: Any, registry: Any = None, name: str = "default") -> Any:
     """Register a scrape-time collector for a :class:`~kvtier.TraceManager`; returns it."""
-    try:
-        from prometheus_client import REGISTRY
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    except ImportError:
-        raise UnavailableError("Prometheus export needs prometheus-client: pip install prometheus-client") from None
+    CounterMetricFamily, GaugeMetricFamily = _families()
 
-    class _Collector:
-        def collect(self) -> Any:
-            snap = manager.metrics.snapshot()
-            for metric, key, label, help_text in (
-                    ("decisions", "decisions", "action", "Tool-start placement decisions, by action"),
-                    ("decision_reasons", "reasons", "reason", "Tool-start placement decisions, by reason"),
-                    ("gap_sources", "gap_sources", "source", "Where the expected gap came from")):
-                c = CounterMetricFamily(f"kvtier_trace_{metric}", help_text, labels=["cache", label])
-                for k, v in snap[key].items():
-                    c.add_metric([name, k], v)
-                yield c
-            late = snap["prefetch_lateness_s"]
-            g = GaugeMetricFamily("kvtier_trace_prefetch_lateness_seconds", "How late restores were at resume",
-                                  labels=["cache", "quantile"])
-            for q, k in (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"), ("1", "max")):
-                g.add_metric([name, q], late[k])
-            yield g
-            for key, value, help_text in (
-                    ("prefetches", snap["prefetches"], "Restores started"),
-                    ("late_prefetches", late["late"], "Resumes whose restore was not done"),
-                    ("prefetched_blocks", snap["prefetched_blocks"], "Blocks restored to the device"),
-                    ("demoted_blocks", snap["demoted_blocks"], "Blocks demoted at tool starts"),
-                    ("dropped_blocks", snap["dropped_blocks"], "Blocks dropped at tool starts"),
-                    ("late_recompute_tokens", snap["late_recompute_tokens"], "Tokens recomputed: restore late"),
-                    ("tail_tokens_reused", snap["tail_tokens_reused"], "Partial-tail tokens loaded, not recomputed"),
-                    ("expired_leases", snap["expired_leases"], "Device leases that ran out")):
-                c = CounterMetricFamily(f"kvtier_trace_{key}", help_text, labels=["cache"])
-                c.add_metric([name], value)
-                yield c
-            for key, value, help_text in (("open", len(manager.traces), "Open traces"),
-                                          ("leased_blocks", manager.kept_blocks(), "Device blocks held by leases")):
-                gg = GaugeMetricFamily(f"kvtier_trace_{key}", help_text, labels=["cache"])
-                gg.add_metric([name], value)
-                yield gg
+    def collect() -> Any:
+        snap = manager.metrics.snapshot()
+        for metric, key, label, help_text in (
+                ("decisions", "decisions", "action", "Tool-start placement decisions, by action"),
+                ("decision_reasons", "reasons", "reason", "Tool-start placement decisions, by reason"),
+                ("gap_sources", "gap_sources", "source", "Where the expected gap came from")):
+            c = CounterMetricFamily(f"kvtier_trace_{metric}", help_text, labels=["cache", label])
+            for k, v in snap[key].items():
+                c.add_metric([name, k], v)
+            yield c
+        late = snap["prefetch_lateness_s"]
+        g = GaugeMetricFamily("kvtier_trace_prefetch_lateness_seconds", "How late restores were at resume",
+                              labels=["cache", "quantile"])
+        for q, k in (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"), ("1", "max")):
+            g.add_metric([name, q], late[k])
+        yield g
+        for key, value, help_text in (
+                ("prefetches", snap["prefetches"], "Restores started"),
+                ("late_prefetches", late["late"], "Resumes whose restore was not done"),
+                ("prefetched_blocks", snap["prefetched_blocks"], "Blocks restored to the device"),
+                ("demoted_blocks", snap["demoted_blocks"], "Blocks demoted at tool starts"),
+                ("dropped_blocks", snap["dropped_blocks"], "Blocks dropped at tool starts"),
+                ("late_recompute_tokens", snap["late_recompute_tokens"], "Tokens recomputed: restore late"),
+                ("tail_tokens_reused", snap["tail_tokens_reused"], "Partial-tail tokens loaded, not recomputed"),
+                ("expired_leases", snap["expired_leases"], "Device leases that ran out")):
+            c = CounterMetricFamily(f"kvtier_trace_{key}", help_text, labels=["cache"])
+            c.add_metric([name], value)
+            yield c
+        for key, value, help_text in (("open", len(manager.traces), "Open traces"),
+                                      ("leased_blocks", manager.kept_blocks(), "Device blocks held by leases")):
+            gg = GaugeMetricFamily(f"kvtier_trace_{key}", help_text, labels=["cache"])
+            gg.add_metric([name], value)
+            yield gg
 
-    collector = _Collector()
-    (registry if registry is not None else REGISTRY).register(collector)
-    return collector
+    return _register(collect, registry)
