@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, default=1024, help="bytes per case (MiB)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--gds-dir", default=os.environ.get("KVTIER_GDS_TEST_DIR", tempfile.gettempdir()))
+    p.add_argument("--kinds", default=",".join(kvtier.LAYOUT_KINDS), help="KV layout kinds, comma-separated")
+    p.add_argument("--no-gds", action="store_true", help="copy cases only")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     why = _gpu_reason()
@@ -207,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
     for model in (("llama3-8b", 32, 8, 128), ("qwen2-0.5b", 24, 2, 64)):
-        for kind in kvtier.LAYOUT_KINDS:
+        for kind in args.kinds.split(","):
             rows += copy_case(model, kind, args.mib, args.reps, engine, rng)
             torch.cuda.empty_cache()
     try:
-        rows += gds_cases(args.mib, max(3, args.reps // 2), args.gds_dir, engine)
+        if not args.no_gds:
+            rows += gds_cases(args.mib, max(3, args.reps // 2), args.gds_dir, engine)
     except Exception as e:  # noqa: BLE001 - recorded, not hidden
         rows.append({"case": "gds", "error": f"{type(e).__name__}: {e}"})
     report = {"suite": "gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "copy_kernel": os.environ.get("KVTIER_CUDA_COPY_KERNEL", "warp"),
               "cuda_probe": _core.probe_cuda(), "results": rows}
     if args.json:
         with open(args.json, "w") as fh:

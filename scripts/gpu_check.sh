@@ -59,8 +59,12 @@ log "bench"
 timeout 200 $PY bench/bench_gpu.py --json "$out/bench_gpu.json" --mib "${BENCH_MIB:-1024}" --reps "${BENCH_REPS:-7}" \
   2>&1 | tee "$out/bench_gpu.log" | tail -30
 
+log "bench, the older block-per-run copy kernel, for comparison"
+KVTIER_CUDA_COPY_KERNEL=block timeout 120 $PY bench/bench_gpu.py --no-gds --kinds vllm_flash,kv_first,layers_first \
+  --json "$out/bench_gpu_block.json" --mib "${BENCH_MIB:-1024}" --reps "${BENCH_REPS:-7}" 2>&1 | tail -15
+
 if [ "${FULL_SUITE:-1}" = 1 ]; then
   log "whole suite"
-  timeout "${SUITE_TIMEOUT:-240}" $PY -m pytest -q -x -p no:cacheprovider -n 8 tests 2>&1 | tee "$out/test_all.log" | tail -25
+  timeout "${SUITE_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$out/test_all.log" | tail -25
 fi
 log "done"

@@ -8,10 +8,10 @@
 // into the previous run when both sides continue it (contiguous blocks of a pool or of a
 // registration become one run). Runs of at least kMemcpyMinBytes (256 KiB) go out as
 // cudaMemcpyAsync(cudaMemcpyDefault): the DMA engines move long runs at full PCIe/HBM speed. All
-// shorter runs go out together as ONE launch of GatherScatterKernel, whose descriptor array is
-// written into a pinned staging buffer and copied to a device buffer with cudaMemcpyAsync on
-// the same stream; the kernel gives each descriptor a CUDA block (grid-stride over descriptors
-// past kMaxGridBlocks) and copies 16 bytes per thread per step when src and dst share their
+// shorter runs go out together as ONE launch of GatherScatterWarpKernel, whose descriptor array
+// is written into a pinned staging buffer and copied to a device buffer with cudaMemcpyAsync on
+// the same stream; the kernel gives each descriptor a warp (Note [Copy kernel shape]; grid-stride
+// over descriptors) and copies 16 bytes per thread per step when src and dst share their
 // alignment modulo 16 (8, 4, else bytes otherwise), with byte heads and tails. Staging and device
 // descriptor buffers belong to a Slot, reused across requests and grown geometrically, never
 // allocated per piece; a Slot stays with its request until the request's event has completed.
@@ -57,6 +57,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <exception>
 #include <memory>
@@ -139,13 +140,13 @@ struct CopyDesc {
 static_assert(sizeof(CopyDesc) == 24);
 
 // Copies len bytes with V-wide accesses when src and dst are congruent modulo sizeof(V): byte
-// head up to the first V-aligned address, V body (4 loads in flight per thread), byte tail.
-template <typename V>
-__device__ __forceinline__ void CopyCoAligned(const unsigned char* src, unsigned char* dst, uint64_t len_bytes) {
+// head up to the first V-aligned address, V body (kUnroll loads in flight per thread), byte tail.
+// `tid` and `step` are this thread's index and the number of threads sharing the copy (a block
+// or a warp).
+template <typename V, int kUnroll>
+__device__ __forceinline__ void CopyCoAligned(const unsigned char* src, unsigned char* dst, uint64_t len_bytes,
+                                              uint64_t tid, uint64_t step) {
   constexpr uint64_t kWidth = sizeof(V);
-  constexpr int kUnroll = 4;
-  const uint64_t tid = threadIdx.x;
-  const uint64_t step = blockDim.x;
   uint64_t head = (kWidth - (reinterpret_cast<uintptr_t>(src) & (kWidth - 1))) & (kWidth - 1);
   if (head > len_bytes) head = len_bytes;
   for (uint64_t b = tid; b < head; b += step) dst[b] = src[b];
@@ -164,23 +165,50 @@ __device__ __forceinline__ void CopyCoAligned(const unsigned char* src, unsigned
   for (uint64_t b = head + vectors * kWidth + tid; b < len_bytes; b += step) dst[b] = src[b];
 }
 
+template <int kUnroll>
+__device__ __forceinline__ void CopyDescriptor(const CopyDesc& d, uint64_t tid, uint64_t step) {
+  const auto* src = reinterpret_cast<const unsigned char*>(d.src);
+  auto* dst = reinterpret_cast<unsigned char*>(d.dst);
+  const uint64_t skew = d.src ^ d.dst;
+  if ((skew & 15) == 0) {
+    CopyCoAligned<uint4, kUnroll>(src, dst, d.len_bytes, tid, step);
+  } else if ((skew & 7) == 0) {
+    CopyCoAligned<uint2, kUnroll>(src, dst, d.len_bytes, tid, step);
+  } else if ((skew & 3) == 0) {
+    CopyCoAligned<unsigned int, kUnroll>(src, dst, d.len_bytes, tid, step);
+  } else {
+    CopyCoAligned<unsigned char, kUnroll>(src, dst, d.len_bytes, tid, step);
+  }
+}
+
+// Note [Copy kernel shape]: the default kernel gives each descriptor one warp (8 per CUDA block,
+// grid-stride past kMaxGridBlocks), with 8 16-byte loads in flight per lane: 4 KiB in flight per
+// warp, and a run of a few KiB (a small model's per-layer block) still fills the warp's loads.
+// The first GPU measurement of the older shape, one CUDA block of 256 threads per descriptor with
+// 4 loads in flight, moved HBM -> HBM at 0.18x (8 KiB runs) and 0.49x (64 KiB runs) of one
+// contiguous cudaMemcpy: most of its threads sat idle on short runs. That shape is kept,
+// selectable with KVTIER_CUDA_COPY_KERNEL=block, so bench/bench_gpu.py can compare the two in
+// one run.
+__global__ void __launch_bounds__(kKernelThreads)
+    GatherScatterWarpKernel(const CopyDesc* __restrict__ descs, uint64_t count) {
+  const uint64_t lane = threadIdx.x & 31u;
+  const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (uint64_t i = warp; i < count; i += warps) CopyDescriptor<8>(descs[i], lane, 32);
+}
+
 __global__ void __launch_bounds__(kKernelThreads)
     GatherScatterKernel(const CopyDesc* __restrict__ descs, uint64_t count) {
-  for (uint64_t i = blockIdx.x; i < count; i += gridDim.x) {
-    const CopyDesc d = descs[i];
-    const auto* src = reinterpret_cast<const unsigned char*>(d.src);
-    auto* dst = reinterpret_cast<unsigned char*>(d.dst);
-    const uint64_t skew = d.src ^ d.dst;
-    if ((skew & 15) == 0) {
-      CopyCoAligned<uint4>(src, dst, d.len_bytes);
-    } else if ((skew & 7) == 0) {
-      CopyCoAligned<uint2>(src, dst, d.len_bytes);
-    } else if ((skew & 3) == 0) {
-      CopyCoAligned<unsigned int>(src, dst, d.len_bytes);
-    } else {
-      CopyCoAligned<unsigned char>(src, dst, d.len_bytes);
-    }
-  }
+  for (uint64_t i = blockIdx.x; i < count; i += gridDim.x) CopyDescriptor<4>(descs[i], threadIdx.x, blockDim.x);
+}
+
+// Which kernel copies short runs (Note [Copy kernel shape]); read once per process.
+bool UseBlockKernel() {
+  static const bool block = [] {
+    const char* v = std::getenv("KVTIER_CUDA_COPY_KERNEL");
+    return v != nullptr && std::string(v) == "block";
+  }();
+  return block;
 }
 
 // ---------------------------------------------------------------- probe
@@ -445,7 +473,7 @@ class Lane {
     }
     pageable_access_ = pageable != 0;
     cudaFuncAttributes attributes{};
-    e = cudaFuncGetAttributes(&attributes, GatherScatterKernel);
+    e = cudaFuncGetAttributes(&attributes, UseBlockKernel() ? GatherScatterKernel : GatherScatterWarpKernel);
     if (e != cudaSuccess) {
       ClearLastError();
       cudaDeviceProp prop{};
@@ -667,9 +695,16 @@ class Lane {
         Replace(&error, TransferError(Describe(*req) + CallFailed("cudaMemcpyAsync (descriptors)", e)));
       } else {
         queued = true;
-        const auto grid = static_cast<unsigned>(std::min<uint64_t>(small, kMaxGridBlocks));
         ClearLastError();
-        GatherScatterKernel<<<grid, kKernelThreads, 0, stream>>>(slot->dev_descs, small);
+        if (UseBlockKernel()) {
+          const auto grid = static_cast<unsigned>(std::min<uint64_t>(small, kMaxGridBlocks));
+          GatherScatterKernel<<<grid, kKernelThreads, 0, stream>>>(slot->dev_descs, small);
+        } else {
+          constexpr uint64_t kWarpsPerBlock = kKernelThreads / 32;
+          const auto grid = static_cast<unsigned>(
+              std::min<uint64_t>((small + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridBlocks));
+          GatherScatterWarpKernel<<<grid, kKernelThreads, 0, stream>>>(slot->dev_descs, small);
+        }
         e = cudaGetLastError();
         if (e != cudaSuccess) {
           Replace(&error, TransferError(Describe(*req) + CallFailed("launching the gather/scatter kernel", e)));

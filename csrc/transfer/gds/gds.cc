@@ -26,7 +26,6 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -219,6 +218,46 @@ std::string HelperPath() {
   return ModuleDir() + "/kvtier_gds_probe";
 }
 
+// Note [No iostreams in the probe]: the probe's text is split and parsed with plain string and
+// strtoul calls, never std::istringstream. On the first GPU machine this ran on, a build whose
+// libstdc++ was linked into _core statically crashed (SIGSEGV) in istream::operator>>(int&) on the
+// probe's first number: the numeric facets of that copy's locale were never set up. The probe runs
+// at import-adjacent time (kvtier info, the test suite's collection), so it must not depend on it.
+std::vector<std::string> SplitLines(const std::string& text) {
+  std::vector<std::string> lines;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    lines.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return lines;
+}
+
+// The whitespace-separated words of one line.
+std::vector<std::string> Words(const std::string& line) {
+  std::vector<std::string> words;
+  size_t i = 0;
+  while (i < line.size()) {
+    while (i < line.size() && (line[i] == ' ' || line[i] == '\t' || line[i] == '\r')) ++i;
+    size_t j = i;
+    while (j < line.size() && line[j] != ' ' && line[j] != '\t' && line[j] != '\r') ++j;
+    if (j > i) words.push_back(line.substr(i, j - i));
+    i = j;
+  }
+  return words;
+}
+
+// Word i of a probe line as a number; 0 when missing or not a number (the probe's own output).
+long long Num(const std::vector<std::string>& words, size_t i) {
+  if (i >= words.size()) return 0;
+  errno = 0;
+  char* end = nullptr;
+  long long v = std::strtoll(words[i].c_str(), &end, 10);
+  return (errno != 0 || end == words[i].c_str()) ? 0 : v;
+}
+
 // The last few meaningful lines of a cuFile log, without their timestamp/pid prefix.
 std::string LogTail(const std::string& path) {
   FILE* f = std::fopen(path.c_str(), "rb");
@@ -233,8 +272,7 @@ std::string LogTail(const std::string& path) {
   }
   std::fclose(f);
   std::vector<std::string> lines;
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);) {
+  for (std::string line : SplitLines(text)) {
     if (auto p = line.find("] "); p != std::string::npos && line.find("[pid=") != std::string::npos) line = line.substr(p + 2);
     // collapse runs of blanks
     std::string compact;
@@ -397,33 +435,29 @@ void Interpret(const ChildRun& run, const ProbeOptions& options, GdsProbe& p) {
   bool opened = false, open_seen = false;
   std::string helper_error;
   CUfileError_t open_err{};
-  std::istringstream in(run.output);
   std::vector<std::string> other;
-  for (std::string line; std::getline(in, line);) {
-    std::istringstream ls(line);
-    std::string key;
-    ls >> key;
+  for (const std::string& line : SplitLines(run.output)) {
+    const std::vector<std::string> w = Words(line);
+    const std::string key = w.empty() ? "" : w[0];
     if (key == "stage") {
-      ls >> stage;
+      if (w.size() > 1) stage = w[1];
     } else if (key == "version") {
-      int v = 0, err = 0;
-      ls >> v >> err;
-      if (err == 0) p.cufile_version = v;
+      if (Num(w, 2) == 0) p.cufile_version = static_cast<int>(Num(w, 1));
     } else if (key == "open") {
-      int err = 0, cu = 0;
-      ls >> err >> cu;
-      open_err.err = static_cast<CUfileOpError>(err);
-      open_err.cu_err = static_cast<CUresult>(cu);
+      open_err.err = static_cast<CUfileOpError>(Num(w, 1));
+      open_err.cu_err = static_cast<CUresult>(Num(w, 2));
       open_seen = true;
-      opened = err == CU_FILE_SUCCESS;
+      opened = open_err.err == CU_FILE_SUCCESS;
     } else if (key == "props") {
-      int err = 0;
-      unsigned major = 0, minor = 0, dstatus = 0, dcontrol = 0, fflags = 0, max_batch = 0;
-      ls >> err >> major >> minor >> dstatus >> dcontrol >> fflags >> max_batch;
-      if (err != 0) continue;
+      if (Num(w, 1) != 0) continue;
+      const auto major = static_cast<unsigned>(Num(w, 2)), minor = static_cast<unsigned>(Num(w, 3));
+      const auto dstatus = static_cast<unsigned>(Num(w, 4));
+      const auto fflags = static_cast<unsigned>(Num(w, 6)), max_batch = static_cast<unsigned>(Num(w, 7));
       p.batch_io = (fflags & (1u << CU_FILE_BATCH_IO_SUPPORTED)) != 0;
       p.max_batch_io = static_cast<int>(max_batch);
-      const bool p2pdma = (fflags & (1u << CU_FILE_P2P_SUPPORTED)) != 0;
+      // CU_FILE_P2P_SUPPORTED is bit 4 of the feature flags; CUDA 13.0's cufile.h predates the name.
+      constexpr unsigned kP2pSupportedBit = 4;
+      const bool p2pdma = (fflags & (1u << kP2pSupportedBit)) != 0;
       p.compat_mode = major == 0 && !p2pdma;
       std::string fs;
       for (unsigned b = 0; b < sizeof kFsNames / sizeof kFsNames[0]; ++b) {
