@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gds-dir", default=os.environ.get("KVTIER_GDS_TEST_DIR", tempfile.gettempdir()))
     p.add_argument("--kinds", default=",".join(kvtier.LAYOUT_KINDS), help="KV layout kinds, comma-separated")
     p.add_argument("--no-gds", action="store_true", help="copy cases only")
+    p.add_argument("--no-copy", action="store_true", help="GDS cases only")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     why = _gpu_reason()
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = kvtier.CopyEngine()
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
-    for model in (("llama3-8b", 32, 8, 128), ("qwen2-0.5b", 24, 2, 64)):
+    for model in () if args.no_copy else (("llama3-8b", 32, 8, 128), ("qwen2-0.5b", 24, 2, 64)):
         for kind in args.kinds.split(","):
             rows += copy_case(model, kind, args.mib, args.reps, engine, rng)
             torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -47,6 +48,11 @@ def test_salt_separates_models_and_layouts() -> None:
     assert not (hash_blocks(np.arange(8), 4, SALT) == hash_blocks(np.arange(8), 4, other)).all(axis=1).any()
 
 
+def _pythonpath() -> dict[str, str]:
+    """PYTHONPATH, where kvtier was installed through it (e.g. pip install --target)."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+
+
 def test_deterministic_across_processes_and_hash_seeds() -> None:
     code = (
         "import numpy as np, kvtier; from kvtier.keys import hash_blocks, make_salt;"
@@ -55,7 +61,7 @@ def test_deterministic_across_processes_and_hash_seeds() -> None:
     )
     outs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout
+                       env={"PYTHONHASHSEED": seed, "PATH": "", **_pythonpath()}).stdout
         for seed in ("0", "1", "12345")
     }
     assert len(outs) == 1

@@ -6,9 +6,10 @@
 // Note [CUDA copy path]: a request is (block pair x plan piece) units, addressed exactly as in
 // CpuCopyBackend::CopyUnits. The units are flattened into runs (src, dst, len), merging a unit
 // into the previous run when both sides continue it (contiguous blocks of a pool or of a
-// registration become one run). Runs of at least kMemcpyMinBytes (256 KiB) go out as
-// cudaMemcpyAsync(cudaMemcpyDefault): the DMA engines move long runs at full PCIe/HBM speed. All
-// shorter runs go out together as ONE launch of GatherScatterWarpKernel, whose descriptor array
+// registration become one run). Host<->device runs of at least kMemcpyMinBytes (256 KiB) go out
+// as cudaMemcpyAsync(cudaMemcpyDefault): the DMA engines move long runs at full PCIe speed. All
+// other runs (shorter ones, and device-to-device runs of any length) go out together, split into
+// kKernelChunkBytes pieces, as ONE launch of GatherScatterWarpKernel, whose descriptor array
 // is written into a pinned staging buffer and copied to a device buffer with cudaMemcpyAsync on
 // the same stream; the kernel gives each descriptor a warp (Note [Copy kernel shape]; grid-stride
 // over descriptors) and copies 16 bytes per thread per step when src and dst share their
@@ -77,7 +78,8 @@
 namespace kvtier::cuda {
 namespace {
 
-constexpr uint64_t kMemcpyMinBytes = uint64_t{256} << 10;  // runs this long use cudaMemcpyAsync
+constexpr uint64_t kMemcpyMinBytes = uint64_t{256} << 10;  // host<->device runs this long use cudaMemcpyAsync
+constexpr uint64_t kKernelChunkBytes = uint64_t{64} << 10;  // the kernel's runs are split into pieces this long
 constexpr int kKernelThreads = 256;                        // threads per CUDA block
 constexpr uint64_t kMaxGridBlocks = 32768;                 // grid-stride over descriptors past this
 constexpr size_t kInitialDescCapacity = 1024;              // descriptors per slot at first use
@@ -645,7 +647,14 @@ class Lane {
   void Issue(std::unique_ptr<TransferRequest>& req) {
     std::unique_ptr<Slot> slot;
     std::unique_ptr<Batch> batch;
-    uint64_t small = 0;
+    uint64_t small = 0;  // kernel descriptors
+    const bool src_cuda = req->src->device().is_cuda();
+    const bool dst_cuda = req->dst->device().is_cuda();
+    const Direction dir = (src_cuda && dst_cuda) ? kDeviceToDevice : (src_cuda ? kToHost : kToDevice);
+    // Device-to-device runs of any length go to the kernel: one cudaMemcpyAsync per 2 MiB block
+    // (blocks_first layouts) moved HBM -> HBM at 0.18x of one contiguous copy on an H200, launch
+    // bound. Host<->device runs of kMemcpyMinBytes or more go to the DMA engines.
+    auto by_kernel = [dir](const CopyRun& r) { return dir == kDeviceToDevice || r.len_bytes < kMemcpyMinBytes; };
     // Everything that may throw or fail without side effects happens before the first enqueue.
     try {
       if (!ready_) {
@@ -659,7 +668,9 @@ class Lane {
       Result<std::shared_ptr<const SpaceView>> dv = View(*req->dst, "target");
       if (!dv.ok()) return Done(req, Status(dv.status().code(), Describe(*req) + dv.status().message()));
       BuildRuns(*req, *sv.value(), *dv.value());
-      for (const CopyRun& r : runs_) small += r.len_bytes < kMemcpyMinBytes ? 1 : 0;
+      for (const CopyRun& r : runs_) {
+        if (by_kernel(r)) small += (r.len_bytes + kKernelChunkBytes - 1) / kKernelChunkBytes;
+      }
       Result<std::unique_ptr<Slot>> acquired = AcquireSlot();
       if (!acquired.ok()) return Done(req, TransferError(Describe(*req) + acquired.status().message()));
       slot = std::move(acquired.value());
@@ -669,7 +680,10 @@ class Lane {
       }
       uint64_t k = 0;
       for (const CopyRun& r : runs_) {
-        if (r.len_bytes < kMemcpyMinBytes) slot->host_descs[k++] = CopyDesc{r.dsrc, r.ddst, r.len_bytes};
+        if (!by_kernel(r)) continue;
+        for (uint64_t off = 0; off < r.len_bytes; off += kKernelChunkBytes) {
+          slot->host_descs[k++] = CopyDesc{r.dsrc + off, r.ddst + off, std::min(kKernelChunkBytes, r.len_bytes - off)};
+        }
       }
       batch = std::make_unique<Batch>();
       if (batches_.size() == batches_.capacity()) batches_.reserve(std::max<size_t>(16, batches_.capacity() * 2));
@@ -681,9 +695,6 @@ class Lane {
 
     // From here on only error messages allocate (Run catches that); once `queued` is true the
     // request must wait for the stream before it finishes.
-    const bool src_cuda = req->src->device().is_cuda();
-    const bool dst_cuda = req->dst->device().is_cuda();
-    const Direction dir = (src_cuda && dst_cuda) ? kDeviceToDevice : (src_cuda ? kToHost : kToDevice);
     cudaStream_t stream = streams_[dir];
     bool queued = false;
     Status error;
@@ -713,7 +724,7 @@ class Lane {
     }
     if (error.ok()) {
       for (const CopyRun& r : runs_) {
-        if (r.len_bytes < kMemcpyMinBytes) continue;
+        if (by_kernel(r)) continue;
         const cudaError_t e = cudaMemcpyAsync(reinterpret_cast<void*>(r.hdst), reinterpret_cast<const void*>(r.hsrc),
                                               r.len_bytes, cudaMemcpyDefault, stream);
         if (e != cudaSuccess) {

@@ -731,7 +731,12 @@ Result<std::unique_ptr<GdsFile>> GdsFile::Open(const std::string& path, const Gd
   CUfileHandle_t handle = nullptr;
   CUfileError_t e = api.handle_register(&handle, &descr);
   if (e.err != CU_FILE_SUCCESS) {
-    return fail(Unavailable("cuFileHandleRegister(" + path + ") failed: " + CufileError(e)));
+    std::string hint;
+    if (Probe().compat_mode) {
+      hint = " (cuFile is in compatibility mode here and refused this file system for direct I/O; "
+             "CUFILE_FORCE_COMPAT_MODE=true makes it take every file through its POSIX path)";
+    }
+    return fail(Unavailable("cuFileHandleRegister(" + path + ") failed: " + CufileError(e) + hint));
   }
   auto impl = std::make_unique<Impl>();
   impl->api = &api;

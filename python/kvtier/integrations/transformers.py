@@ -67,7 +67,13 @@ def _layer_types(config: Any, num_layers: int) -> tuple[list[str], list[int | No
         from transformers.cache_utils import get_layer_types_and_kwargs
 
         types, kwargs = get_layer_types_and_kwargs(config)
-        return list(types), [kw.get("sliding_window") for kw in kwargs]
+        types, kwargs = list(types), list(kwargs)
+        if len(kwargs) == len(types):
+            return types, [kw.get("sliding_window") for kw in kwargs]
+        # Some 5.x releases (5.17 seen) give per-layer kwargs only for some layers: take the
+        # types from it and the windows from the config, as below.
+        window = getattr(config, "sliding_window", None)
+        return types, [window if t == "sliding_attention" else None for t in types]
     except (ImportError, AttributeError):  # a release without it: infer like DynamicCache does
         pass
     types = getattr(config, "layer_types", None)
