@@ -219,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - recorded, not hidden
         rows.append({"case": "gds", "error": f"{type(e).__name__}: {e}"})
     report = {"suite": "gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "copy_kernel": os.environ.get("KVTIER_CUDA_COPY_KERNEL", "warp"),
               "cuda_probe": _core.probe_cuda(), "results": rows}
     if args.json:
         with open(args.json, "w") as fh:

@@ -55,6 +55,7 @@ EOF
 log "GPU tests"
 timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_gds.py 2>&1 | tee "$out/test_gpu.log" | tail -25
 
+if [ "${GDS_COMPAT:-1}" = 1 ]; then
 log "GDS again, cuFile's POSIX path forced (CUFILE_FORCE_COMPAT_MODE=true)"
 grep -n "compat\|posix" /etc/cufile.json 2>/dev/null | head -8
 CUFILE_FORCE_COMPAT_MODE=true timeout 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_gds.py 2>&1 \
@@ -62,14 +63,12 @@ CUFILE_FORCE_COMPAT_MODE=true timeout 120 $PY -m pytest -q -rs -p no:cacheprovid
 CUFILE_FORCE_COMPAT_MODE=true timeout 120 $PY bench/bench_gpu.py --no-copy --json "$out/bench_gds_compat.json" \
   --mib "${BENCH_MIB:-1024}" --reps "${BENCH_REPS:-7}" 2>&1 | tail -5
 [ -f cufile.log ] && { echo "cufile.log:"; tail -12 cufile.log; }
+fi
 
 log "bench"
 timeout 200 $PY bench/bench_gpu.py --json "$out/bench_gpu.json" --mib "${BENCH_MIB:-1024}" --reps "${BENCH_REPS:-7}" \
+  --kinds "${BENCH_KINDS:-vllm_flash,kv_first,heads_first,vllm_cpu,layers_first,blocks_first}" \
   2>&1 | tee "$out/bench_gpu.log" | tail -30
-
-log "bench, the older block-per-run copy kernel, for comparison"
-KVTIER_CUDA_COPY_KERNEL=block timeout 120 $PY bench/bench_gpu.py --no-gds --kinds vllm_flash,kv_first,layers_first \
-  --json "$out/bench_gpu_block.json" --mib "${BENCH_MIB:-1024}" --reps "${BENCH_REPS:-7}" 2>&1 | tail -15
 
 if [ "${FULL_SUITE:-1}" = 1 ]; then
   log "whole suite"

@@ -142,7 +142,7 @@ def _gds_file(tmp_path: Path, size: int, **kw):
         raise
     except kvtier.UnavailableError as e:  # cuFile refuses files on this file system (a virtual disk, say)
         if "cuFileHandleRegister" in str(e) and _probe["compat_mode"]:
-            pytest.skip(f"{e} (set KVTIER_GDS_TEST_DIR to a file system cuFile accepts, or CUFILE_FORCE_COMPAT_MODE=true)")
+            pytest.skip(f"{e} (set KVTIER_GDS_TEST_DIR to a file system cuFile accepts)")
         raise
 
 

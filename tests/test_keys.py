@@ -49,8 +49,9 @@ def test_salt_separates_models_and_layouts() -> None:
 
 
 def _pythonpath() -> dict[str, str]:
-    """PYTHONPATH, where kvtier was installed through it (e.g. pip install --target)."""
-    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    """What a child needs to import this kvtier: PYTHONPATH where it was installed through it (pip
+    install --target), LD_LIBRARY_PATH where its native libraries are found through it."""
+    return {k: os.environ[k] for k in ("PYTHONPATH", "LD_LIBRARY_PATH") if os.environ.get(k)}
 
 
 def test_deterministic_across_processes_and_hash_seeds() -> None:

@@ -9,7 +9,7 @@
 // registration become one run). Host<->device runs of at least kMemcpyMinBytes (256 KiB) go out
 // as cudaMemcpyAsync(cudaMemcpyDefault): the DMA engines move long runs at full PCIe speed. All
 // other runs (shorter ones, and device-to-device runs of any length) go out together, split into
-// kKernelChunkBytes pieces, as ONE launch of GatherScatterWarpKernel, whose descriptor array
+// kKernelChunkBytes pieces, as ONE launch of GatherScatterKernel, whose descriptor array
 // is written into a pinned staging buffer and copied to a device buffer with cudaMemcpyAsync on
 // the same stream; the kernel gives each descriptor a warp (Note [Copy kernel shape]; grid-stride
 // over descriptors) and copies 16 bytes per thread per step when src and dst share their
@@ -58,7 +58,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <deque>
 #include <exception>
 #include <memory>
@@ -183,34 +182,19 @@ __device__ __forceinline__ void CopyDescriptor(const CopyDesc& d, uint64_t tid, 
   }
 }
 
-// Note [Copy kernel shape]: the default kernel gives each descriptor one warp (8 per CUDA block,
+// Note [Copy kernel shape]: the kernel gives each descriptor one warp (8 per CUDA block,
 // grid-stride past kMaxGridBlocks), with 8 16-byte loads in flight per lane: 4 KiB in flight per
-// warp, and a run of a few KiB (a small model's per-layer block) still fills the warp's loads.
-// The first GPU measurement of the older shape, one CUDA block of 256 threads per descriptor with
-// 4 loads in flight, moved HBM -> HBM at 0.18x (8 KiB runs) and 0.49x (64 KiB runs) of one
-// contiguous cudaMemcpy: most of its threads sat idle on short runs. That shape is kept,
-// selectable with KVTIER_CUDA_COPY_KERNEL=block, so bench/bench_gpu.py can compare the two in
-// one run.
+// warp, so a run of a few KiB (a small model's per-layer block) still fills the warp's loads.
+// Measured on an H200 against the older shape (one 256-thread CUDA block per descriptor, 4 loads
+// in flight) in the same runs: level within the run-to-run spread for HBM <-> pinned DRAM, and
+// 0.49 -> 0.53-0.62x of cudaMemcpy for 64 KiB runs HBM -> HBM; short-run HBM -> HBM copies stay
+// at 0.1-0.2x with either shape, so their bound is not the kernel (docs/benchmarks.md).
 __global__ void __launch_bounds__(kKernelThreads)
-    GatherScatterWarpKernel(const CopyDesc* __restrict__ descs, uint64_t count) {
+    GatherScatterKernel(const CopyDesc* __restrict__ descs, uint64_t count) {
   const uint64_t lane = threadIdx.x & 31u;
   const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
   for (uint64_t i = warp; i < count; i += warps) CopyDescriptor<8>(descs[i], lane, 32);
-}
-
-__global__ void __launch_bounds__(kKernelThreads)
-    GatherScatterKernel(const CopyDesc* __restrict__ descs, uint64_t count) {
-  for (uint64_t i = blockIdx.x; i < count; i += gridDim.x) CopyDescriptor<4>(descs[i], threadIdx.x, blockDim.x);
-}
-
-// Which kernel copies short runs (Note [Copy kernel shape]); read once per process.
-bool UseBlockKernel() {
-  static const bool block = [] {
-    const char* v = std::getenv("KVTIER_CUDA_COPY_KERNEL");
-    return v != nullptr && std::string(v) == "block";
-  }();
-  return block;
 }
 
 // ---------------------------------------------------------------- probe
@@ -475,7 +459,7 @@ class Lane {
     }
     pageable_access_ = pageable != 0;
     cudaFuncAttributes attributes{};
-    e = cudaFuncGetAttributes(&attributes, UseBlockKernel() ? GatherScatterKernel : GatherScatterWarpKernel);
+    e = cudaFuncGetAttributes(&attributes, GatherScatterKernel);
     if (e != cudaSuccess) {
       ClearLastError();
       cudaDeviceProp prop{};
@@ -707,15 +691,10 @@ class Lane {
       } else {
         queued = true;
         ClearLastError();
-        if (UseBlockKernel()) {
-          const auto grid = static_cast<unsigned>(std::min<uint64_t>(small, kMaxGridBlocks));
-          GatherScatterKernel<<<grid, kKernelThreads, 0, stream>>>(slot->dev_descs, small);
-        } else {
-          constexpr uint64_t kWarpsPerBlock = kKernelThreads / 32;
-          const auto grid = static_cast<unsigned>(
-              std::min<uint64_t>((small + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridBlocks));
-          GatherScatterWarpKernel<<<grid, kKernelThreads, 0, stream>>>(slot->dev_descs, small);
-        }
+        constexpr uint64_t kWarpsPerBlock = kKernelThreads / 32;
+        const auto grid = static_cast<unsigned>(
+            std::min<uint64_t>((small + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridBlocks));
+        GatherScatterKernel<<<grid, kKernelThreads, 0, stream>>>(slot->dev_descs, small);
         e = cudaGetLastError();
         if (e != cudaSuccess) {
           Replace(&error, TransferError(Describe(*req) + CallFailed("launching the gather/scatter kernel", e)));

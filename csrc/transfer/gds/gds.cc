@@ -733,8 +733,9 @@ Result<std::unique_ptr<GdsFile>> GdsFile::Open(const std::string& path, const Gd
   if (e.err != CU_FILE_SUCCESS) {
     std::string hint;
     if (Probe().compat_mode) {
-      hint = " (cuFile is in compatibility mode here and refused this file system for direct I/O; "
-             "CUFILE_FORCE_COMPAT_MODE=true makes it take every file through its POSIX path)";
+      hint = " (cuFile is in compatibility mode here and still refused the file; its log, cufile.log in the "
+             "working directory or CUFILE_LOGFILE_PATH, says why: on a virtual disk without udev properties it "
+             "cannot read the volume's attributes, even with CUFILE_FORCE_COMPAT_MODE=true)";
     }
     return fail(Unavailable("cuFileHandleRegister(" + path + ") failed: " + CufileError(e) + hint));
   }
