@@ -36,5 +36,14 @@ extras="[${1:-replay}]"
 pip_extra=()
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_extra+=("torch==2.13.0")
+# cuFile (GPUDirect Storage) from the nvidia-cufile wheel, so that the GDS backend is compiled, and
+# its probe tested, on machines without the toolkit's GDS packages. 1.15.1 is CUDA 13.0's cuFile:
+# the oldest header kvtier must build against (a newer one hid a build break until a GPU machine).
+if [ "${KVTIER_GDS:-AUTO}" != "OFF" ] && [ -z "${KVTIER_CUFILE_ROOT:-}" ]; then
+  purelib="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  [ -f "$purelib/nvidia/cu13/include/cufile.h" ] \
+    || pip install --disable-pip-version-check -q "nvidia-cufile==1.15.1.6"
+  export KVTIER_CUFILE_ROOT="$purelib/nvidia/cu13"
+fi
 echo "kvtier setup: building and installing kvtier${extras} into .venv (CUDA=${KVTIER_CUDA:-AUTO})"
 pip install --disable-pip-version-check -q ".${extras}" "${pip_extra[@]}"

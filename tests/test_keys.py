@@ -49,9 +49,11 @@ def test_salt_separates_models_and_layouts() -> None:
 
 
 def _pythonpath() -> dict[str, str]:
-    """What a child needs to import this kvtier: PYTHONPATH where it was installed through it (pip
-    install --target), LD_LIBRARY_PATH where its native libraries are found through it."""
-    return {k: os.environ[k] for k in ("PYTHONPATH", "LD_LIBRARY_PATH") if os.environ.get(k)}
+    """What a child needs to import this same kvtier: PYTHONPATH where it was installed through it
+    (pip install --target, the sanitizer build), LD_LIBRARY_PATH where its native libraries are
+    found through it, and the sanitizer runtime preloaded ahead of it."""
+    keep = ("PYTHONPATH", "LD_LIBRARY_PATH", "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")
+    return {k: os.environ[k] for k in keep if os.environ.get(k)}
 
 
 def test_deterministic_across_processes_and_hash_seeds() -> None:
