@@ -54,6 +54,11 @@ def test_policies_agree_on_tokens_and_order_on_prefill(model_dir: Path, tmp_path
         gen = p["tiered"]["tokens"][t.trace_id]
         assert [len(x) for x in gen] == [s.generate for s in t.steps]
     data = json.loads(out.read_text())
+    assert data["config"]["gap_scale"] == 0.1 and data["config"]["compute_time"] == "calibrated"  # the defaults
+    for r in p.values():
+        assert 0 < r["busy"] <= 1
+        assert set(r["jct_by_trace_s"]) == {t.trace_id for t in traces}
+        assert max(r["jct_by_trace_s"].values()) >= r["jct_s"]["p99"] - 1e-9
     assert set(data["policies"]) == {"none", "device-lru", "tiered", "trace-aware"}
     for k in ("jct_s", "tasks_per_hour", "prefill_tokens", "hits", "bytes_moved", "tokens", "nvme_bytes_written_per_task"):
         assert k in data["policies"]["tiered"]
@@ -104,6 +109,34 @@ def test_cli_errors_are_clear(model_dir: Path, tmp_path: Path, capsys: pytest.Ca
     assert "smaller than one block" in capsys.readouterr().err
     assert main(["replay", "--model", str(model_dir), "--policy", "bogus", "--no-progress"]) == 2
     assert "unknown policy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["replay", "--model", str(model_dir), "--gap-scale", "0", "--no-progress"])
+    assert "expected a positive number" in capsys.readouterr().err
+
+
+def test_gap_scale_keeps_the_workload_but_its_gaps(model_dir: Path, tmp_path: Path) -> None:
+    traces = small_workload(256)
+    scaled = wl.scale_gaps(traces, 0.1)
+    for a, b in zip(traces, scaled):
+        assert (a.trace_id, a.arrival_s, a.fork_of) == (b.trace_id, b.arrival_s, b.fork_of)
+        for x, y in zip(a.steps, b.steps):
+            assert (x.append, x.generate, x.tool) == (y.append, y.generate, y.tool)
+            assert y.tool_gap_s == pytest.approx(x.tool_gap_s * 0.1)
+            assert (y.expected_gap_s is None) == (x.expected_gap_s is None)
+            if x.expected_gap_s is not None:
+                assert y.expected_gap_s == pytest.approx(x.expected_gap_s * 0.1)
+    assert traces[0].steps[0].tool_gap_s == small_workload(256)[0].steps[0].tool_gap_s  # not changed in place
+    assert wl.scale_gaps(traces, 1) is traces
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(kvtier.InvalidArgumentError, match="gap scale must be a number > 0"):
+            wl.scale_gaps(traces, bad)
+    # the scaled gaps load the server more: the same steps in less virtual time
+    path = tmp_path / "w.jsonl"
+    wl.dump(traces, path)
+    busy = {g: replay.run(model_dir=str(model_dir), workload=str(path), policies=["tiered"], progress=False,
+                          nvme_dir=str(tmp_path / f"nvme{g}"), gap_scale=g)["policies"]["tiered"]["busy"]
+            for g in (1.0, 0.1)}
+    assert busy[0.1] > busy[1.0]
 
 
 def test_token_ids_are_deterministic_per_seed() -> None:

@@ -19,6 +19,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
           "kb": 1000, "mb": 1000**2, "gb": 1000**3}
 
@@ -57,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--traces", type=_positive_int, default=8, help="traces in the generated workload")
     rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
     rp.add_argument("--write-workload", metavar="PATH", help="write the generated workload as JSONL and exit")
-    rp.add_argument("--compute-time", choices=("measured", "calibrated"), default="measured",
-                    help="a step's model compute: its wall time (default), or its tokens at the model's "
-                         "measured per-token speed (less noise; cache work is timed either way)")
+    rp.add_argument("--compute-time", choices=("measured", "calibrated"), default="calibrated",
+                    help="a step's model compute: its tokens at the model's measured per-token speed "
+                         "(default: less noise), or its wall time; cache work is wall time either way")
+    rp.add_argument("--gap-scale", type=_positive_float, default=0.1,
+                    help="multiply every tool-call gap (default 0.1: the load of a busy replica; 1 replays the "
+                         "real gaps, which leave this small server idle)")
     rp.add_argument("--torch-threads", type=_positive_int, default=None,
                     help="compute threads for the model (default: half the cores)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -173,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                     from transformers import AutoConfig
 
                     vocab = int(AutoConfig.from_pretrained(args.model, local_files_only=True).vocab_size)
-                wl.dump(wl.default_workload(vocab, seed=args.seed, traces=args.traces), args.write_workload)
+                wl.dump(replay.load_workload(None, vocab, args.seed, args.traces, args.gap_scale), args.write_workload)
                 print(f"wrote {args.write_workload}")
                 return 0
             replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
                        plot_path=args.plot, device_budget=args.device_budget, dram_budget=args.dram_budget,
                        nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed, traces=args.traces,
                        progress=not args.no_progress, torch_threads=args.torch_threads,
-                       compute_time=args.compute_time)
+                       compute_time=args.compute_time, gap_scale=args.gap_scale)
             return 0
         if args.command == "simulate":
             return _simulate(args)

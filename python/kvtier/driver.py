@@ -254,6 +254,9 @@ class PolicyReplay:
             "tasks_per_hour": len(self.traces) / makespan * 3600 if makespan > 0 else 0.0,
             "prefill_tokens": {"computed": self.computed, "total": self.total},
             "service_s": {"sum": float(np.sum(self.service)), "p50": _percentile(self.service, 50)},
+            # the server's load: its service time over the makespan (Note [Replay load] in kvtier.replay)
+            "busy": float(np.sum(self.service)) / makespan if makespan > 0 else 0.0,
+            "jct_by_trace_s": {t.trace_id: self.finish[t.trace_id] - t.arrival_s for t in self.traces},
         }
         if keep_tokens:
             out["tokens"] = self.tokens
@@ -281,18 +284,20 @@ def render_table(results: dict[str, dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
+    kinds = ("keep", "dram", "nvme", "drop", "nothing")  # trace-aware decisions at tool starts
     cols = ("policy", "JCT p50 s", "JCT p99 s", "tasks/h", "prefill computed", "hits dev/dram/nvme",
-            "NVMe writes/task", "keep/dram/nvme/drop", "late/prefetches, p90 ms")
+            "NVMe writes/task", "/".join(kinds), "late/prefetches, p90 ms")
     dollars = any("dollars_per_task" in r for r in results.values())
-    for col in cols + (("$/task",) if dollars else ()):
+    busy = all("busy" in r for r in results.values())
+    for col in cols + (("busy",) if busy else ()) + (("$/task",) if dollars else ()):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for p, r in results.items():
         pt, h = r["prefill_tokens"], r["hits"]
         ta = r.get("trace_policy")
-        dec = "-" if not ta else "/".join(str(ta["decisions"][k]) for k in ("keep", "dram", "nvme", "drop"))
+        dec = "-" if not ta else "/".join(str(ta["decisions"].get(k, 0)) for k in kinds)
         late = "-" if not ta else (f"{ta['prefetch_lateness_s']['late']}/{ta['prefetch_lateness_s']['count']}, "
                                    f"{ta['prefetch_lateness_s']['p90'] * 1e3:.1f}")
-        extra = [f"{r.get('dollars_per_task', 0.0):.5f}"] if dollars else []
+        extra = ([f"{r['busy']:.0%}"] if busy else []) + ([f"{r.get('dollars_per_task', 0.0):.5f}"] if dollars else [])
         table.add_row(p, f"{r['jct_s']['p50']:.2f}", f"{r['jct_s']['p99']:.2f}", f"{r['tasks_per_hour']:.0f}",
                       f"{pt['computed']}/{pt['total']} ({pt['computed'] / max(1, pt['total']):.0%})",
                       f"{h['device']}/{h['dram']}/{h['nvme']}", f"{r['nvme_bytes_written_per_task'] / 2**20:.1f} MiB",

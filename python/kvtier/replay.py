@@ -14,7 +14,18 @@ model still runs every step for real (the tokens are still compared), but a step
 as its prefilled tokens times the prefill time per token and its generated tokens times the decode
 time per token, both measured on this machine at start-up; lookups, loads, stores, copies and I/O
 are still timed by the wall clock. On a small shared machine the model's wall time varies between
-runs by more than the policies differ; this takes that noise out and keeps the rest real.
+runs by more than the policies differ; this takes that noise out and keeps the rest real. It is
+the default: a policy changes which tokens are computed and how long cache work takes, not how
+fast a forward pass runs.
+
+Note [Replay load]: the replay runs a handful of traces on one small model. At the tool gaps' real
+lengths (0.4 s file reads to 90 s human replies) that server idles most of the time and a trace's
+JCT is almost all tool time, so no cache policy can move JCT by more than one trace's noise. A
+serving replica holds many traces and is busy while each one waits; ``gap_scale`` (``--gap-scale``,
+default 0.1) multiplies every gap and gap hint, which keeps the tools, their order and spread
+(about 0.1 s to a minute) and loads the server as a busy replica is loaded (the report's ``busy``:
+service time over makespan). ``--gap-scale 1`` replays the real lengths; ``kvtier simulate`` keeps
+them and gets its load from fleet-sized trace counts instead.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from kvtier.errors import InvalidArgumentError
 from kvtier.trace import calibrate
 from kvtier.workload import Trace
 
-__all__ = ["POLICIES", "build_default_model", "load_model", "run"]
+__all__ = ["POLICIES", "build_default_model", "load_model", "load_workload", "run"]
 BLOCK_TOKENS = 16
 _CACHE_KW = "past_key_values"  # set to "cache" on transformers releases that renamed it (load_model)
 
@@ -181,6 +192,15 @@ class ModelExecutor:
         return max(0.0, best - prompt * self.prefill_s_per_token(prompt, 1)) / tokens
 
 
+def load_workload(path: str | None, vocab: int, seed: int, traces: int, gap_scale: float) -> list[Trace]:
+    """The replay's workload: a JSONL file, or the default one; gaps scaled (Note [Replay load])."""
+    if not isinstance(gap_scale, (int, float)) or isinstance(gap_scale, bool) or not 0 < gap_scale < float("inf"):
+        raise InvalidArgumentError(f"gap_scale must be a number > 0, got {gap_scale!r}")
+    if path is None:
+        return wl.default_workload(vocab, seed=seed, traces=traces, gap_scale=gap_scale)
+    return wl.scale_gaps(wl.load(path, vocab_size=vocab), gap_scale)
+
+
 def _ctx_len(by_id: dict[str, Trace], t: Trace, upto: int) -> int:
     base = 0
     if t.fork_of is not None:
@@ -192,7 +212,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
         json_path: str | None = None, plot_path: str | None = None, device_budget: int | None = None,
         dram_budget: int | None = None, nvme_dir: str | None = None, nvme_budget: int | None = None,
         seed: int = 0, traces: int = 8, progress: bool = True, torch_threads: int | None = None,
-        compute_time: str = "measured") -> dict[str, Any]:
+        compute_time: str = "calibrated", gap_scale: float = 0.1) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -221,12 +241,9 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     vocab = int(model.config.vocab_size)
-    if workload is None:
-        trs = wl.default_workload(vocab, seed=seed, traces=traces)
-        workload_name = f"default(seed={seed}, traces={traces})"
-    else:
-        trs = wl.load(workload, vocab_size=vocab)
-        workload_name = str(workload)
+    trs = load_workload(workload, vocab, seed, traces, gap_scale)
+    workload_name = (f"default(seed={seed}, traces={traces})" if workload is None else str(workload)) + (
+        f", gaps x{gap_scale:g}" if gap_scale != 1 else "")
     by_id = {t.trace_id: t for t in trs}
     max_ctx = max(_ctx_len(by_id, t, len(t.steps) - 1) for t in trs)
     max_tokens = (max_ctx // BLOCK_TOKENS + 2) * BLOCK_TOKENS
@@ -297,15 +314,18 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                    "nvme_budget_bytes": nvme_budget, "workload_kv_bytes": workload_kv, "traces": len(trs),
                    "steps": sum(len(t.steps) for t in trs), "seed": seed, "vocab_size": vocab,
                    "workload_file": None if workload is None else str(Path(workload).resolve()),
-                   "workload_roots": traces, "torch_threads": threads, "compute_time": compute_time},
+                   "workload_roots": traces, "torch_threads": threads, "compute_time": compute_time,
+                   "gap_scale": gap_scale},
         "model_speed": model_speed,
         "time_model": "virtual: measured step service times on this machine, virtual tool gaps and arrivals; "
                       "background moves of the trace-aware policy timed on the copy lane (kvtier.driver)",
         "tokens_identical": identical,
         "policies": results,
+        "title": f"kvtier replay (gaps x{gap_scale:g}, {compute_time} compute)",
     }
     render_table(results, f"kvtier replay: {len(trs)} traces, {report['config']['steps']} steps, "
-                          f"device budget {device_budget / 2**20:.1f} MiB")
+                          f"device budget {device_budget / 2**20:.1f} MiB, gaps x{gap_scale:g}, "
+                          f"{compute_time} compute")
     if len(results) > 1:
         console.print("generated tokens identical across policies: "
                       + ("[green]yes[/green]" if identical else "[red]NO[/red]"))

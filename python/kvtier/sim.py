@@ -398,8 +398,6 @@ def check_against_replay(replay_json: str, json_path: str | None = None, progres
     from rich.console import Console
     from rich.table import Table
 
-    from kvtier import workload as wl
-
     try:
         with open(replay_json) as f:
             real = json.load(f)
@@ -407,10 +405,10 @@ def check_against_replay(replay_json: str, json_path: str | None = None, progres
         raise InvalidArgumentError(f"cannot read the replay report {replay_json!r}: {e}") from None
     server = server_like_replay(real)
     cfg = real["config"]
-    if cfg.get("workload_file"):
-        trs = wl.load(cfg["workload_file"], vocab_size=cfg["vocab_size"])
-    else:
-        trs = default_workload(cfg["vocab_size"], seed=cfg["seed"], traces=cfg["workload_roots"])
+    from kvtier.replay import load_workload
+
+    trs = load_workload(cfg.get("workload_file"), cfg["vocab_size"], cfg["seed"], cfg["workload_roots"],
+                        cfg.get("gap_scale", 1.0))
     pols = list(real["policies"])
     simulated = simulate(server=server, servers=1, policies=pols, workload=trs, block_tokens=cfg["block_tokens"],
                          progress=progress, quiet=True, vocab=cfg["vocab_size"])

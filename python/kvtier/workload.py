@@ -15,7 +15,7 @@ per tool) and carry the harness's hint for the gap, ``expected_gap_s``; both are
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,21 @@ def dump(traces: list[Trace], path: str | Path) -> None:
                            **({"expected_gap_s": s.expected_gap_s} if s.expected_gap_s is not None else {})}
                           for s in t.steps],
             }) + "\n")
+
+
+def scale_gaps(traces: list[Trace], scale: float) -> list[Trace]:
+    """The same traces with every tool-call gap and gap hint multiplied by ``scale`` (> 0).
+
+    Tools, their order and the spread of their gaps are kept; only the time between steps changes
+    (Note [Replay load] in :mod:`kvtier.replay`)."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
+        raise InvalidArgumentError(f"gap scale must be a number > 0, got {scale!r}")
+    if scale == 1:
+        return traces
+    return [replace(t, steps=[replace(s, tool_gap_s=round(s.tool_gap_s * scale, 6),
+                                      expected_gap_s=None if s.expected_gap_s is None
+                                      else round(s.expected_gap_s * scale, 6)) for s in t.steps])
+            for t in traces]
 
 
 # Tools of the default workload: (name, median gap s, log-normal sigma, share of calls, hinted).
