@@ -71,14 +71,15 @@ def test_bad_arguments_exit_2() -> None:
     assert "positive integer" in out.stderr
 
 
-def test_bench_nvme_json_shape(tmp_path) -> None:
+@pytest.mark.parametrize("case", ["192KiB read", "192KiB write"])
+def test_bench_nvme_json_shape(tmp_path, case: str) -> None:
     """A tiny run; fio and NIXL may be missing here (they are then reported, not dropped)."""
     from kvtier import _core
 
     if not getattr(_core, "HAVE_NVME", False):
         pytest.skip("kvtier built without io_uring")
     path = tmp_path / "nvme.json"
-    rc = main(["bench", "nvme", "--size-mib", "4", "--reps", "1", "--cases", "192KiB read", "--dir",
+    rc = main(["bench", "nvme", "--size-mib", "4", "--reps", "1", "--cases", case, "--dir",
                str(tmp_path / "d"), "--no-progress", "--json", str(path)])
     assert rc == 0
     report = json.loads(path.read_text())
@@ -90,6 +91,13 @@ def test_bench_nvme_json_shape(tmp_path) -> None:
         assert ("gbps" in p) or p["missing"]  # measured, or missing with a reason
     if r["anchor_gbps"] is not None:
         assert r["ratio"] == pytest.approx(r["kvtier_gbps"] / r["anchor_gbps"], rel=0.01)
+    assert r["kvtier"]["durable"] is True and r["kvtier"]["fsyncs"] > 0
+    if case.endswith("write"):  # also timed without the fdatasync, as the peers write
+        ns = r["kvtier_nosync"]
+        assert ns["durable"] is False and ns["fsyncs"] == 0 and ns["verified"] is True
+        assert r["kvtier_nosync_gbps"] > 0
+    else:
+        assert r["kvtier_nosync"] is None and r["kvtier_nosync_gbps"] is None
 
 
 def test_bench_nvme_fio_figure_is_best_variant_by_median() -> None:

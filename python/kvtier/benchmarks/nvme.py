@@ -9,7 +9,8 @@ sample starts on a flushed (``sync``), quiet disk. The default depth is 256: NIX
 queue admits more requests than asked for (the kernel sizes the AIO ring up: 254 for 64), so
 below 256 (what the disk admits) NIXL would run deeper than the other two. The three take turns,
 one repetition each per round, and medians over the rounds are compared. The anchor is the better of fio and NIXL; a peer that
-cannot run is reported as missing, never dropped silently.
+cannot run is reported as missing, never dropped silently. Write cases also time the tier without
+its fdatasync (Note [Durable and flush-free writes]), the promise the peers make.
 """
 
 from __future__ import annotations
@@ -58,15 +59,16 @@ class _KvtierCase:
     """
 
     def __init__(self, directory: str, case: NvmeCase, num_blocks: int, queue_depth: int, max_io_bytes: int,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, durable: bool = True) -> None:
         shutil.rmtree(directory, ignore_errors=True)
         self.directory, self.case, self.n, self.rng = directory, case, num_blocks, rng
         self.pool = kvtier.HostPool(case.block_bytes, num_blocks=num_blocks)
         self.ids = self.pool.allocate(num_blocks)
         self.pool.view()[:] = rng.integers(0, 256, size=(num_blocks, case.block_bytes), dtype=np.uint8)
         self.expected = self.pool.view().copy()
+        self.durable = durable
         self.tier = kvtier.NvmeTier(directory, self.pool, num_slots=num_blocks, queue_depth=queue_depth,
-                                    max_io_bytes=max_io_bytes)
+                                    max_io_bytes=max_io_bytes, durable=durable)
         self.keys = np.arange(1, num_blocks + 1)
         self.tier.write(self.keys, self.ids).wait()  # lay the file out
         self.samples: list[float] = []
@@ -115,7 +117,7 @@ class _KvtierCase:
         device = self.devs[sorted(range(len(self.samples)), key=self.samples.__getitem__)[len(self.samples) // 2]]
         return {"gbps": self.n * self.case.block_bytes / med / 1e9, "iops": self.n / med,
                 "samples_s": self.samples, "io_mode": io_mode, "verified": self.verified,
-                "durable": True, "fsyncs": fsyncs, "noisy_samples": self.noisy, "device": device}
+                "durable": self.durable, "fsyncs": fsyncs, "noisy_samples": self.noisy, "device": device}
 
 
 def _merge_peer(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,11 +176,20 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
             # Rounds: kvtier, fio, NIXL one repetition each, in turn, so the disk's state (host
             # write-back, other tenants) changes under all three alike.
             kv_case = _KvtierCase(os.path.join(base, "kvtier"), case, n, queue_depth, max_io_bytes, rng)
+            # Note [Durable and flush-free writes]: the tier acknowledges a write after an
+            # fdatasync (durable=True, its default); fio and NIXL flush nothing. Write cases also
+            # time the tier with durable=False, which writes the same payloads, headers and
+            # checksums but no flush: the same promise as the peers'. Both figures are reported.
+            nosync_case = (_KvtierCase(os.path.join(base, "kvtier-nosync"), case, n, queue_depth, max_io_bytes, rng,
+                                       durable=False) if case.mode == "write" else None)
             fio_runs: list[dict[str, Any]] = []
             nixl_runs: list[dict[str, Any]] = []
             for _ in range(reps):
                 bar.update(task, description=f"bench nvme: {case.name} (kvtier)")
                 kv_case.rep()
+                if nosync_case is not None:
+                    bar.update(task, description=f"bench nvme: {case.name} (kvtier, no fdatasync)")
+                    nosync_case.rep()
                 bar.update(task, description=f"bench nvme: {case.name} (fio)")
                 if fio_missing:
                     fio_runs.append({"missing": fio_missing})
@@ -200,6 +211,7 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                         nixl_runs.append({"missing": f"NIXL failed: {e}"})
                 bar.advance(task)
             kv = kv_case.finish()
+            nosync = nosync_case.finish() if nosync_case is not None else None
             peers: dict[str, Any] = {"fio": _merge_peer(fio_runs), "nixl": _merge_peer(nixl_runs)}
             for f in ("fio.dat", "nixl.dat"):
                 try:
@@ -216,8 +228,10 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                 "ratio": round(kv["gbps"] / usable[anchor], 3) if anchor else None,
                 "fio_gbps": round(usable["fio"], 3) if "fio" in usable else None,
                 "nixl_gbps": round(usable["nixl"], 3) if "nixl" in usable else None,
+                "kvtier_nosync_gbps": round(nosync["gbps"], 3) if nosync else None,
+                "ratio_nosync": round(nosync["gbps"] / usable[anchor], 3) if nosync and anchor else None,
                 "mode": case.mode, "block_bytes": case.block_bytes, "blocks": n,
-                "queue_depth": queue_depth, "kvtier": kv, "peers": peers,
+                "queue_depth": queue_depth, "kvtier": kv, "kvtier_nosync": nosync, "peers": peers,
             })
     if directory is None:
         shutil.rmtree(base, ignore_errors=True)
@@ -226,7 +240,7 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                          "max_io_bytes": max_io_bytes, "directory": base, "seed": seed},
               "results": results}
     table = Table(title=f"kvtier bench nvme ({size_mib} MiB per case, QD {queue_depth}, median of {reps})")
-    for col in ("case", "kvtier GB/s", "fio GB/s", "NIXL GB/s", "ratio to best"):
+    for col in ("case", "kvtier GB/s", "fio GB/s", "NIXL GB/s", "ratio to best", "no-fsync kvtier GB/s, ratio"):
         table.add_column(col, justify="left" if col == "case" else "right")
 
     def fmt(v: float | None, peer: dict[str, Any] | None = None) -> str:
@@ -235,8 +249,11 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
     for r in results:
         ratio = r["ratio"]
         style = "green" if ratio is not None and ratio >= 1.0 else "red"
+        ns = "-" if r["kvtier_nosync_gbps"] is None else (
+            f"{r['kvtier_nosync_gbps']:.2f}, {r['ratio_nosync']:.2f}x" if r["ratio_nosync"] is not None
+            else f"{r['kvtier_nosync_gbps']:.2f}")
         table.add_row(r["case"], f"{r['kvtier_gbps']:.2f}", fmt(r["fio_gbps"]), fmt(r["nixl_gbps"]),
-                      f"[{style}]{ratio:.2f}x[/{style}]" if ratio is not None else "n/a")
+                      f"[{style}]{ratio:.2f}x[/{style}]" if ratio is not None else "n/a", ns)
     Console().print(table)
     for name, why in (("fio", fio_missing), ("NIXL", nixl_missing)):
         if why:
