@@ -256,6 +256,46 @@ def test_lifecycle_errors_are_clear(tmp_path: Path) -> None:
         TraceManager(object(), cost())  # type: ignore[arg-type]
 
 
+def test_a_step_may_follow_a_step_and_tool_start_follows_each_step_once(tmp_path: Path) -> None:
+    """end_step leaves the trace ready: a second step may begin without a tool call in between;
+    a second end_step, or a tool_start anywhere but right after a step, names the state."""
+    cache = make(tmp_path)
+    mgr = TraceManager(cache, cost())
+    t = mgr.open("x")
+    ctx = np.arange(9)
+    _, kv = run_step(t, ctx, 0.0, seed=1)
+    assert t.state is TraceState.READY
+    with pytest.raises(kvtier.InvalidArgumentError, match="'x' is ready, not running: its last step already ended"):
+        t.end_step(ctx, engine_kv()[1], 9)
+    more = np.concatenate([ctx, [50, 51, 52]])
+    plan = t.begin_step(more, now=1.0)  # step after step: no tool call in between
+    assert t.state is TraceState.RUNNING and plan.hit_tokens == 9  # the tail block too
+    with pytest.raises(kvtier.InvalidArgumentError, match="'x' is running a step: call end_step before tool_start"):
+        t.tool_start(1.0, now=1.0)
+    out, reg = engine_kv(seed=2)
+    cache.load(plan.match, reg, np.arange(plan.match.hit_blocks)).wait()
+    assert torch.equal(out[:2], kv[:2])
+    t.end_step(more, reg, len(more), now=1.0)
+    assert t.tool_start(0.001, now=1.0).action is Action.KEEP and t.state is TraceState.TOOL
+    with pytest.raises(kvtier.InvalidArgumentError, match=r"'x' is tool: tool_start follows a step, once \(it is "
+                                                          r"already waiting on a tool\)"):
+        t.tool_start(0.001, now=1.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="'x' is tool, not running: call begin_step first"):
+        t.end_step(more, reg, len(more))
+    t.tool_end(now=2.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="'x' is resumed: tool_start follows a step, once"):
+        t.tool_start(1.0, now=2.0)
+    fresh = mgr.open("y")
+    with pytest.raises(kvtier.InvalidArgumentError, match=r"'y' is ready: tool_start follows a step, once "
+                                                          r"\(no step has run yet\)"):
+        fresh.tool_start(1.0)
+    # a rejected hint does not use up the step's tool_start
+    run_step(t, np.concatenate([more, [7]]), 3.0, seed=3)
+    with pytest.raises(kvtier.InvalidArgumentError, match="expected_gap_s"):
+        t.tool_start(-1.0, now=3.0)
+    t.tool_start(1.0, now=3.0)
+
+
 def test_retain_lease_expires(tmp_path: Path) -> None:
     cache, mgr, ta, *_ = two_traces(tmp_path)
     assert ta.retain(5.0, now=0.0) == 8
