@@ -182,6 +182,37 @@ def test_the_hint_decides_where_the_kv_goes(tmp_path: Path) -> None:
     assert placements[600.0]["device"] == 4 and placements[600.0]["dram"] == 4
 
 
+def test_no_private_blocks_on_the_device_is_a_nothing_decision_not_a_keep(tmp_path: Path) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from kvtier.metrics import register_traces
+
+    cache, mgr, ta, tb, ctx_a, _, kv_a = two_traces(tmp_path, device=16)
+    child = ta.fork("a.sub")  # every block of a now has two owners: a has nothing private
+    cache.demote_keys(ta.owned_keys()[-2:], DRAM)  # two of them below the device
+    d = ta.tool_start(expected_gap_s=600.0, tool="build", now=1.0)
+    assert d.action is Action.NOTHING and d.reason == "no private blocks on the device"
+    # handled like a keep: the device blocks are leased, the ones below are restored before the resume
+    assert ta.state is TraceState.TOOL and d.ttl_s >= 1200.0
+    assert mgr.kept_blocks() == 6 and (cache.locate(ta.owned_keys()[:6])[1] > 0).all()
+    assert ta.tiers()["dram"] == 2
+    mgr.tick(601.0)  # the restore was due before the expected resume
+    assert ta.tiers()["device"] == 8
+    snap = mgr.metrics.snapshot()
+    assert snap["decisions"] == {"keep": 0, "dram": 0, "nvme": 0, "drop": 0, "nothing": 1}
+    assert snap["reasons"] == {"nothing: no private blocks on the device": 1}
+    registry = prometheus_client.CollectorRegistry()
+    register_traces(mgr, registry, name="t")
+    text = prometheus_client.generate_latest(registry).decode()
+    assert 'kvtier_trace_decisions_total{action="nothing",cache="t"} 1.0' in text
+    assert 'kvtier_trace_decisions_total{action="keep",cache="t"} 0.0' in text
+    plan = ta.begin_step(np.concatenate([ctx_a, [9]]), now=601.0)
+    assert plan.hit_tokens == len(ctx_a)
+    # a trace with private blocks on the device still gets a real decision
+    child.close()
+    ta.end_step(np.concatenate([ctx_a, [9]]), engine_kv()[1], len(ctx_a) + 1, now=601.0)
+    assert ta.tool_start(expected_gap_s=0.001, now=602.0).action is Action.KEEP
+
+
 def test_late_restore_recomputes_or_waits(tmp_path: Path) -> None:
     cache, mgr, ta, tb, ctx_a, _, _ = two_traces(tmp_path, device=16)
     d = ta.tool_start(expected_gap_s=60.0, now=1.0)

@@ -360,7 +360,7 @@ class Trace:
         mgr.metrics.decisions[d.action.value] += 1
         mgr.metrics.reasons[f"{d.action.value}: {d.reason}"] += 1
         mgr.metrics.gap_sources[source] += 1
-        if d.action is Action.KEEP:
+        if d.action in (Action.KEEP, Action.NOTHING):  # nothing to move (NOTHING: no private blocks there)
             self._set_lease(self.owned_keys(), now + (d.ttl_s or 0.0))
             self.state = TraceState.TOOL
             # Blocks of the trace that already sit below the device (LRU demoted them while it ran)
