@@ -481,3 +481,16 @@ def test_restore_makes_room_from_the_trace_back_last(tmp_path: Path) -> None:
     assert a.tiers()["device"] == 3
     assert c.tiers()["dram"] == 3  # c comes back soon: left alone although least recently used
     assert b.tiers()["nvme"] >= 1 and mgr.metrics.farthest_demoted_blocks >= 1
+
+
+# ------------------------------------------------------------------------------ found by the random walks
+
+
+def test_refused_begin_step_of_a_waiting_trace_changes_nothing(tmp_path: Path) -> None:
+    cache, mgr, ta, *_ = two_traces(tmp_path, device=16)
+    ta.tool_start(expected_gap_s=60.0, now=1.0)
+    for bad in ([], [1, -5, 3, 4, 5]):
+        with pytest.raises(kvtier.InvalidArgumentError):
+            ta.begin_step(bad, now=2.0)
+        assert ta.state is TraceState.PARKED  # not resumed (its tool_end not taken) by a refused call
+    assert mgr.gaps.estimate(None, None)[2] == "prior"  # no gap was observed

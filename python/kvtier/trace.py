@@ -234,13 +234,13 @@ class Trace:
         if self.state is TraceState.RUNNING:
             raise InvalidArgumentError(f"trace {self.id!r} is already running a step; call end_step first")
         now = self._mgr._now(now)
-        if self.state in (TraceState.TOOL, TraceState.PARKED):
-            self.tool_end(now)
         cache, bt = self._mgr.cache, self._mgr.block_tokens
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) == 0:
             raise InvalidArgumentError("a step's context must hold at least one token")
-        keys = cache.keys_for(tokens)
+        keys = cache.keys_for(tokens)  # checks the token ids: bad input changes nothing
+        if self.state in (TraceState.TOOL, TraceState.PARKED):
+            self.tool_end(now)
         limit = (len(tokens) - 1) // bt  # leave at least one token to compute
         nfull = len(self._keys)
         probe = keys[:limit]
