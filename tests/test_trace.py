@@ -9,7 +9,7 @@ import kvtier
 import numpy as np
 import pytest
 from kvtier import _core
-from kvtier.cache import DRAM, TieredCache
+from kvtier.cache import DRAM, NVME, TieredCache
 from kvtier.keys import make_salt
 from kvtier.policy import Action, CostModel, GapEstimator, TierState, TraceAwarePolicy
 from kvtier.trace import BackgroundLane, TraceManager, TraceState
@@ -494,3 +494,52 @@ def test_refused_begin_step_of_a_waiting_trace_changes_nothing(tmp_path: Path) -
             ta.begin_step(bad, now=2.0)
         assert ta.state is TraceState.PARKED  # not resumed (its tool_end not taken) by a refused call
     assert mgr.gaps.estimate(None, None)[2] == "prior"  # no gap was observed
+
+
+def nvme_cache_with_shared_nvme_block(tmp_path: Path):
+    """10 blocks stored through a 2-block device: some of them on NVMe; two readers pin them all."""
+    cache = TieredCache(L, SALT, device_bytes=2 * L.block_bytes, dram_bytes=4 * L.block_bytes,
+                        nvme_dir=str(tmp_path / "nvme"), nvme_bytes=64 * L.block_bytes)
+    kv, reg = engine_kv(seed=4)
+    toks = np.arange(40)
+    cache.store(toks, reg, np.arange(10))
+    m1, m2 = cache.match(toks), cache.match(toks)
+    victim = int(np.flatnonzero(m1.tiers == NVME)[0])
+    return cache, kv, m1, m2, victim
+
+
+def test_a_lost_nvme_block_takes_one_pin_not_another_readers(tmp_path: Path) -> None:
+    """Two matches pin the same NVMe block and it is lost: the first load drops its own pin only,
+    so the block stays pinned for the second reader (it was unpinned twice, leaving the second
+    match's blocks evictable under it)."""
+    cache, kv, m1, m2, victim = nvme_cache_with_shared_nvme_block(tmp_path)
+    key = m1.keys[victim:victim + 1]
+    cache.nvme.evict(key)  # behind the cache's back
+    out, reg = engine_kv(seed=5)
+    cache.load(m1, reg, np.arange(m1.hit_blocks)).wait()
+    assert m1.hit_blocks == victim and torch.equal(out[:victim], kv[:victim])
+    assert cache.locate(key)[1].tolist() == [1]  # m2's pin
+    assert (cache.locate(m2.keys)[1] >= 1).all()
+    cache.promote_keys(key, DRAM)  # a prefetch finds it lost too: drops its own pin only
+    assert cache.locate(key)[1].tolist() == [1]
+    cache.load(m2, reg, np.arange(m2.hit_blocks)).wait()
+    assert m2.hit_blocks == victim
+    cache.release(m1)
+    cache.release(m2)
+    assert (cache.locate(m1.keys)[1] == 0).all() and cache.locate(key)[0].tolist() == [255]
+
+
+def test_an_unreadable_nvme_block_frees_its_slot(tmp_path: Path) -> None:
+    """A read I/O error makes the block a miss; its slot is freed with it (it was left on the
+    tier with no index entry pointing at it, so nothing ever reused or evicted it)."""
+    cache, kv, m1, m2, victim = nvme_cache_with_shared_nvme_block(tmp_path)
+    cache.release(m2)
+    cache.nvme.inject_io_errors(1)  # every read fails
+    out, reg = engine_kv(seed=5)
+    cache.load(m1, reg, np.arange(m1.hit_blocks)).wait()
+    cache.release(m1)
+    cache.nvme.inject_io_errors(0)
+    assert m1.hit_blocks == victim and torch.equal(out[:victim], kv[:victim])
+    assert cache.nvme.stats()["read_errors"] >= 1
+    on_nvme = cache.nvme.keys()
+    assert (cache.locate(on_nvme)[0] == NVME).all() and len(on_nvme) == cache.blocks_per_tier()["nvme"]
