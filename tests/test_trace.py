@@ -3,13 +3,23 @@ fleet simulator that drives the same code."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import kvtier
 import numpy as np
 import pytest
+from hypothesis import Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from kvtier import _core
-from kvtier.cache import DRAM, TieredCache
+from kvtier.cache import DEVICE, DRAM, NVME, TieredCache
 from kvtier.keys import make_salt
 from kvtier.policy import Action, CostModel, GapEstimator, TierState, TraceAwarePolicy
 from kvtier.trace import BackgroundLane, TraceManager, TraceState
@@ -182,6 +192,37 @@ def test_the_hint_decides_where_the_kv_goes(tmp_path: Path) -> None:
     assert placements[600.0]["device"] == 4 and placements[600.0]["dram"] == 4
 
 
+def test_no_private_blocks_on_the_device_is_a_nothing_decision_not_a_keep(tmp_path: Path) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from kvtier.metrics import register_traces
+
+    cache, mgr, ta, tb, ctx_a, _, kv_a = two_traces(tmp_path, device=16)
+    child = ta.fork("a.sub")  # every block of a now has two owners: a has nothing private
+    cache.demote_keys(ta.owned_keys()[-2:], DRAM)  # two of them below the device
+    d = ta.tool_start(expected_gap_s=600.0, tool="build", now=1.0)
+    assert d.action is Action.NOTHING and d.reason == "no private blocks on the device"
+    # handled like a keep: the device blocks are leased, the ones below are restored before the resume
+    assert ta.state is TraceState.TOOL and d.ttl_s >= 1200.0
+    assert mgr.kept_blocks() == 6 and (cache.locate(ta.owned_keys()[:6])[1] > 0).all()
+    assert ta.tiers()["dram"] == 2
+    mgr.tick(601.0)  # the restore was due before the expected resume
+    assert ta.tiers()["device"] == 8
+    snap = mgr.metrics.snapshot()
+    assert snap["decisions"] == {"keep": 0, "dram": 0, "nvme": 0, "drop": 0, "nothing": 1}
+    assert snap["reasons"] == {"nothing: no private blocks on the device": 1}
+    registry = prometheus_client.CollectorRegistry()
+    register_traces(mgr, registry, name="t")
+    text = prometheus_client.generate_latest(registry).decode()
+    assert 'kvtier_trace_decisions_total{action="nothing",cache="t"} 1.0' in text
+    assert 'kvtier_trace_decisions_total{action="keep",cache="t"} 0.0' in text
+    plan = ta.begin_step(np.concatenate([ctx_a, [9]]), now=601.0)
+    assert plan.hit_tokens == len(ctx_a)
+    # a trace with private blocks on the device still gets a real decision
+    child.close()
+    ta.end_step(np.concatenate([ctx_a, [9]]), engine_kv()[1], len(ctx_a) + 1, now=601.0)
+    assert ta.tool_start(expected_gap_s=0.001, now=602.0).action is Action.KEEP
+
+
 def test_late_restore_recomputes_or_waits(tmp_path: Path) -> None:
     cache, mgr, ta, tb, ctx_a, _, _ = two_traces(tmp_path, device=16)
     d = ta.tool_start(expected_gap_s=60.0, now=1.0)
@@ -254,6 +295,46 @@ def test_lifecycle_errors_are_clear(tmp_path: Path) -> None:
         mgr.get("x")
     with pytest.raises(kvtier.InvalidArgumentError, match="TieredCache"):
         TraceManager(object(), cost())  # type: ignore[arg-type]
+
+
+def test_a_step_may_follow_a_step_and_tool_start_follows_each_step_once(tmp_path: Path) -> None:
+    """end_step leaves the trace ready: a second step may begin without a tool call in between;
+    a second end_step, or a tool_start anywhere but right after a step, names the state."""
+    cache = make(tmp_path)
+    mgr = TraceManager(cache, cost())
+    t = mgr.open("x")
+    ctx = np.arange(9)
+    _, kv = run_step(t, ctx, 0.0, seed=1)
+    assert t.state is TraceState.READY
+    with pytest.raises(kvtier.InvalidArgumentError, match="'x' is ready, not running: its last step already ended"):
+        t.end_step(ctx, engine_kv()[1], 9)
+    more = np.concatenate([ctx, [50, 51, 52]])
+    plan = t.begin_step(more, now=1.0)  # step after step: no tool call in between
+    assert t.state is TraceState.RUNNING and plan.hit_tokens == 9  # the tail block too
+    with pytest.raises(kvtier.InvalidArgumentError, match="'x' is running a step: call end_step before tool_start"):
+        t.tool_start(1.0, now=1.0)
+    out, reg = engine_kv(seed=2)
+    cache.load(plan.match, reg, np.arange(plan.match.hit_blocks)).wait()
+    assert torch.equal(out[:2], kv[:2])
+    t.end_step(more, reg, len(more), now=1.0)
+    assert t.tool_start(0.001, now=1.0).action is Action.KEEP and t.state is TraceState.TOOL
+    with pytest.raises(kvtier.InvalidArgumentError, match=r"'x' is tool: tool_start follows a step, once \(it is "
+                                                          r"already waiting on a tool\)"):
+        t.tool_start(0.001, now=1.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="'x' is tool, not running: call begin_step first"):
+        t.end_step(more, reg, len(more))
+    t.tool_end(now=2.0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="'x' is resumed: tool_start follows a step, once"):
+        t.tool_start(1.0, now=2.0)
+    fresh = mgr.open("y")
+    with pytest.raises(kvtier.InvalidArgumentError, match=r"'y' is ready: tool_start follows a step, once "
+                                                          r"\(no step has run yet\)"):
+        fresh.tool_start(1.0)
+    # a rejected hint does not use up the step's tool_start
+    run_step(t, np.concatenate([more, [7]]), 3.0, seed=3)
+    with pytest.raises(kvtier.InvalidArgumentError, match="expected_gap_s"):
+        t.tool_start(-1.0, now=3.0)
+    t.tool_start(1.0, now=3.0)
 
 
 def test_retain_lease_expires(tmp_path: Path) -> None:
@@ -410,3 +491,648 @@ def test_restore_makes_room_from_the_trace_back_last(tmp_path: Path) -> None:
     assert a.tiers()["device"] == 3
     assert c.tiers()["dram"] == 3  # c comes back soon: left alone although least recently used
     assert b.tiers()["nvme"] >= 1 and mgr.metrics.farthest_demoted_blocks >= 1
+
+
+# ------------------------------------------------------------------------------ found by the random walks
+
+
+def test_refused_begin_step_of_a_waiting_trace_changes_nothing(tmp_path: Path) -> None:
+    cache, mgr, ta, *_ = two_traces(tmp_path, device=16)
+    ta.tool_start(expected_gap_s=60.0, now=1.0)
+    for bad in ([], [1, -5, 3, 4, 5]):
+        with pytest.raises(kvtier.InvalidArgumentError):
+            ta.begin_step(bad, now=2.0)
+        assert ta.state is TraceState.PARKED  # not resumed (its tool_end not taken) by a refused call
+    assert mgr.gaps.estimate(None, None)[2] == "prior"  # no gap was observed
+
+
+def nvme_cache_with_shared_nvme_block(tmp_path: Path):
+    """10 blocks stored through a 2-block device: some of them on NVMe; two readers pin them all."""
+    cache = TieredCache(L, SALT, device_bytes=2 * L.block_bytes, dram_bytes=4 * L.block_bytes,
+                        nvme_dir=str(tmp_path / "nvme"), nvme_bytes=64 * L.block_bytes)
+    kv, reg = engine_kv(seed=4)
+    toks = np.arange(40)
+    cache.store(toks, reg, np.arange(10))
+    m1, m2 = cache.match(toks), cache.match(toks)
+    victim = int(np.flatnonzero(m1.tiers == NVME)[0])
+    return cache, kv, m1, m2, victim
+
+
+def test_a_lost_nvme_block_takes_one_pin_not_another_readers(tmp_path: Path) -> None:
+    """Two matches pin the same NVMe block and it is lost: the first load drops its own pin only,
+    so the block stays pinned for the second reader (it was unpinned twice, leaving the second
+    match's blocks evictable under it)."""
+    cache, kv, m1, m2, victim = nvme_cache_with_shared_nvme_block(tmp_path)
+    key = m1.keys[victim:victim + 1]
+    cache.nvme.evict(key)  # behind the cache's back
+    out, reg = engine_kv(seed=5)
+    cache.load(m1, reg, np.arange(m1.hit_blocks)).wait()
+    assert m1.hit_blocks == victim and torch.equal(out[:victim], kv[:victim])
+    assert cache.locate(key)[1].tolist() == [1]  # m2's pin
+    assert (cache.locate(m2.keys)[1] >= 1).all()
+    cache.promote_keys(key, DRAM)  # a prefetch finds it lost too: drops its own pin only
+    assert cache.locate(key)[1].tolist() == [1]
+    cache.load(m2, reg, np.arange(m2.hit_blocks)).wait()
+    assert m2.hit_blocks == victim
+    cache.release(m1)
+    cache.release(m2)
+    assert (cache.locate(m1.keys)[1] == 0).all() and cache.locate(key)[0].tolist() == [255]
+
+
+def test_an_unreadable_nvme_block_frees_its_slot(tmp_path: Path) -> None:
+    """A read I/O error makes the block a miss; its slot is freed with it (it was left on the
+    tier with no index entry pointing at it, so nothing ever reused or evicted it)."""
+    cache, kv, m1, m2, victim = nvme_cache_with_shared_nvme_block(tmp_path)
+    cache.release(m2)
+    cache.nvme.inject_io_errors(1)  # every read fails
+    out, reg = engine_kv(seed=5)
+    cache.load(m1, reg, np.arange(m1.hit_blocks)).wait()
+    cache.release(m1)
+    cache.nvme.inject_io_errors(0)
+    assert m1.hit_blocks == victim and torch.equal(out[:victim], kv[:victim])
+    assert cache.nvme.stats()["read_errors"] >= 1
+    on_nvme = cache.nvme.keys()
+    assert (cache.locate(on_nvme)[0] == NVME).all() and len(on_nvme) == cache.blocks_per_tier()["nvme"]
+
+
+# ------------------------------------------------------------------------------ randomized: try to break it
+#
+# Random operation sequences on a small real cache (device, DRAM, NVMe), with an engine whose KV
+# for a token is a function of the whole prefix up to it, so a block served for the wrong prefix,
+# a stale tail or a lost NVMe block that is loaded anyway shows up as wrong bytes. Checked after
+# every operation: (a) after each step's load, every hit token holds its expected KV; (b) each
+# key's trace refcount equals the number of open traces that own it, and each trace owns the
+# content keys of the tokens it holds KV for; (d) each key's pins equal the pins of the open
+# matches and leases that hold it; no device/DRAM block is neither cached nor free, no NVMe slot
+# belongs to no indexed key. (c) At the end, with every trace closed and every lease expired,
+# nothing is referenced or pinned.
+
+FUZZ_KV_BLOCKS = 64  # blocks of the engine's KV per running step
+FUZZ_MAX_TOKENS = 180  # longer contexts are cut (diverged) so a step fits the engine's KV
+_TOKEN_POS = torch.arange(FUZZ_KV_BLOCKS * BT).reshape(FUZZ_KV_BLOCKS, 1, 1, BT, 1, 1)
+_KV_PATTERN = torch.arange(2 * 2 * 2 * 16, dtype=torch.float32).reshape(2, 2, 2, 16)[None, :, :, None, :, :]
+
+
+def prefix_values(tokens: np.ndarray) -> torch.Tensor:
+    """One integer per token position (exact in float32) that depends on every token up to it."""
+    out = np.zeros(FUZZ_KV_BLOCKS * BT, dtype=np.float32)
+    h = 0
+    for i, tok in enumerate(tokens.tolist()):
+        h = (h * 1_000_003 + tok + 1) % ((1 << 61) - 1)
+        out[i] = (h ^ (h >> 31)) % (1 << 17)
+    return torch.from_numpy(out)
+
+
+def expected_kv(vals: torch.Tensor) -> torch.Tensor:
+    """The engine's KV for those values: token t of block b holds vals[b * BT + t] * 128 + pattern."""
+    return vals.reshape(FUZZ_KV_BLOCKS, 1, 1, BT, 1, 1) * 128 + _KV_PATTERN
+
+
+def fill_kv(kv: torch.Tensor, vals: torch.Tensor, lo: int, hi: int) -> None:
+    """'Compute' tokens [lo, hi): write their expected KV into the engine's KV."""
+    mask = (_TOKEN_POS >= lo) & (_TOKEN_POS < hi)
+    kv.copy_(torch.where(mask, expected_kv(vals), kv))
+
+
+def first_wrong_token(kv: torch.Tensor, vals: torch.Tensor, hit: int) -> int | None:
+    same = (kv == expected_kv(vals)).all(dim=5).all(dim=4).all(dim=2).all(dim=1).reshape(-1)  # per token
+    bad = np.flatnonzero(~same.numpy()[:hit])
+    return int(bad[0]) if len(bad) else None
+
+
+def corrupt_nvme_block(cache: TieredCache, key: np.ndarray, where: int) -> bool:
+    """Flip a payload byte of ``key``'s slot in the tier's file, behind its back (as a bad sector
+    would): its checksum fails when read. Returns False when no slot holds the key."""
+    core = cache.nvme._core
+    with open(core.path, "r+b") as f:
+        table = f.read(core.num_slots * 4096)
+        best = None
+        for slot in range(core.num_slots):
+            magic, = struct.unpack_from("8s", table, slot * 4096)
+            hi, lo, gen = struct.unpack_from("<QQQ", table, slot * 4096 + 16)
+            if magic == b"KVTSLOT1" and (hi, lo) == (int(key[0]), int(key[1])) and (best is None or gen > best[1]):
+                best = (slot, gen)
+        if best is None:
+            return False
+        f.seek(core.payload_offset(best[0]) + where % L.block_bytes)
+        b = f.read(1)
+        f.seek(core.payload_offset(best[0]) + where % L.block_bytes)
+        f.write(bytes([b[0] ^ 0x5A]))
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+class RngPick:
+    """Choices for a walk from a numpy generator."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def int(self, lo: int, hi: int) -> int:  # inclusive
+        return int(self.rng.integers(lo, hi + 1))
+
+    def random(self) -> float:
+        return float(self.rng.random())
+
+    def choice(self, seq: Sequence[Any]) -> Any:
+        return seq[int(self.rng.integers(len(seq)))]
+
+
+class DataPick(RngPick):
+    """Choices for a walk drawn by hypothesis (so that it can shrink a failing sequence)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def int(self, lo: int, hi: int) -> int:
+        return self.data.draw(st.integers(lo, hi))
+
+    def random(self) -> float:
+        return self.data.draw(st.integers(0, 99)) / 100
+
+    def choice(self, seq: Sequence[Any]) -> Any:
+        return seq[self.data.draw(st.integers(0, len(seq) - 1))]
+
+
+_BB = L.block_bytes
+_NO_KEYS = np.zeros((0, 2), dtype=np.uint64)
+_SHAPE = (FUZZ_KV_BLOCKS, 2, 2, BT, 2, 16)
+# (policy, recompute s/token): default; offload-happy (DRAM and NVMe); drop-happy; wait-happy
+FUZZ_PROFILES = (
+    (dict(), 1e-3),
+    (dict(fill_keep=0.0, dram_pressure=0.3), 1e-3),
+    (dict(fill_keep=0.0, critical_fill=0.3), 1e-6),
+    (dict(fill_keep=0.0, dram_pressure=0.5), 1.0),
+)
+HINTS = (None, None, 0.0, 0.001, 0.05, 1.0, 30.0, 500.0)
+TOOLS = (None, "read_file", "run_tests", "ask_user")
+JUMPS = (0.001, 0.01, 0.1, 1.0, 5.0, 30.0, 120.0, 500.0)
+
+
+class TraceWalk:
+    """A cache, a trace manager, a model of what each trace should hold, and the operations."""
+
+    MAX_TRACES = 6
+
+    def __init__(self, root: Path, pick: RngPick, profile: int = 0,
+                 blocks: tuple[int, int, int] = (12, 16, 48)) -> None:  # device, DRAM, NVMe
+        policy, recompute = FUZZ_PROFILES[profile % len(FUZZ_PROFILES)]
+        device, dram, nvme = blocks
+        self.cache = TieredCache(L, SALT, device_bytes=device * _BB, dram_bytes=dram * _BB,
+                                 nvme_dir=str(root / "nvme"), nvme_bytes=nvme * _BB)
+        self.pick = pick
+        self.now = 0.0
+        lane = BackgroundLane(measure=lambda fn: (self.pick.choice((0.0005, 0.05, 2.0, 20.0)), fn()))
+        self.mgr = TraceManager(self.cache, cost(recompute=recompute), policy=TraceAwarePolicy(**policy),
+                                clock=lambda: self.now, lane=lane)
+        self.model: dict[str, dict[str, Any]] = {}  # trace id -> tokens, held, state, run
+        self.seen: dict[bytes, np.ndarray] = {}  # every key a trace owned or matched
+        self.counts: Counter = Counter()
+        self.log: list[str] = []
+        self.next_id = 0
+        self.current = ""
+        self.io_error_ops = 0
+        self.prompts = (5000 + np.arange(3 * BT + 1), 6000 + np.arange(5 * BT))  # shared system prompts
+
+    # ---------------------------------------------------------------- helpers
+
+    def when(self) -> float | None:
+        return None if self.pick.random() < 0.2 else self.now  # None: the manager's clock (self.now)
+
+    def tokens(self, n: int) -> np.ndarray:
+        return np.array([self.pick.int(0, 4999) for _ in range(n)], dtype=np.int64)
+
+    def traces_in(self, *states: str) -> list[str]:
+        return sorted(i for i, m in self.model.items() if m["state"] in states)
+
+    def note(self, what: str) -> None:
+        self.log.append(f"t={self.now:.3f} {what}")
+        del self.log[:-40]
+
+    def fail(self, what: str) -> None:
+        raise AssertionError(f"{what}\nin or after op {self.current!r}; the operations before:\n  "
+                             + "\n  ".join(self.log))
+
+    def trace(self, tid: str) -> Any:
+        return self.mgr.get(tid)
+
+    def remember(self, keys: np.ndarray) -> None:
+        for k in keys:
+            self.seen.setdefault(k.tobytes(), k)
+
+    # ---------------------------------------------------------------- operations
+
+    def run(self, op: str) -> None:
+        self.current = op
+        getattr(self, "op_" + op)()
+        self.counts["op:" + op] += 1
+        if self.io_error_ops:
+            self.io_error_ops -= 1
+            if self.io_error_ops == 0:
+                self.cache.nvme.inject_io_errors(0)
+        self.check()
+
+    def op_open(self) -> None:
+        if len(self.model) >= self.MAX_TRACES:
+            return
+        tid = f"t{self.next_id}"
+        self.next_id += 1
+        self.mgr.open(tid)
+        kind = self.pick.int(0, 3)
+        base = np.zeros(0, dtype=np.int64)
+        if kind in (1, 2):
+            base = self.prompts[kind - 1].copy()
+        elif kind == 3 and self.model:  # starts like another trace's context (shares it without a fork)
+            other = self.model[self.pick.choice(sorted(self.model))]["tokens"]
+            base = other[: self.pick.int(0, len(other))].copy()
+        self.model[tid] = {"tokens": base, "held": 0, "state": "new", "run": None, "pending": None}
+        self.note(f"open {tid} base={len(base)}")
+
+    def op_begin_step(self, tid: str | None = None) -> None:
+        ids = self.traces_in("new", "stepped", "tool", "resumed")
+        if not ids:
+            return
+        tid = tid or self.pick.choice(ids)
+        m, t = self.model[tid], self.trace(tid)
+        ctx = m["pending"]
+        if ctx is None:
+            base = m["tokens"]
+            if len(base) > FUZZ_MAX_TOKENS or (len(base) and self.pick.random() < 0.1):  # the context diverges
+                tail = m["held"] - m["held"] // BT * BT
+                if tail and m["held"] <= FUZZ_MAX_TOKENS and self.pick.random() < 0.5:
+                    base = base[: m["held"] - self.pick.int(1, tail)]  # inside the trace's tail block
+                else:
+                    base = base[: self.pick.int(0, min(len(base), FUZZ_MAX_TOKENS))]
+                self.counts["diverged contexts"] += 1
+            ctx = np.concatenate([base, self.tokens(self.pick.int(1, 12))])
+        when = self.when()
+        plan = t.begin_step(ctx, now=when)
+        if m["state"] == "tool":
+            m["state"] = "resumed"
+        self.note(f"begin_step {tid} ctx={len(ctx)} -> hit={plan.hit_tokens} wait={plan.wait_s:.3f}")
+        if plan.match is None:  # a late restore, and waiting beats recomputing: come back later
+            if not plan.wait_s > 0:
+                self.fail(f"{tid}: begin_step returned no match and no wait")
+            m["pending"] = ctx
+            self.counts["waits"] += 1
+            return
+        m["pending"] = None
+        self.remember(plan.match.keys)
+        kv = torch.full(_SHAPE, -1.0)
+        reg = kvtier.register_kv(kv, L, "blocks_first")
+        pinned = plan.match.hit_blocks
+        self.cache.load(plan.match, reg, np.arange(plan.match.hit_blocks),
+                        promote_min_refs=self.pick.choice((0, 2))).wait()
+        hit = plan.hit_tokens if plan.match.hit_blocks == pinned else plan.match.hit_blocks * BT
+        if plan.match.hit_blocks < pinned:
+            self.counts["loads cut short by a lost NVMe block"] += 1
+        if not 0 <= hit < len(ctx):
+            self.fail(f"{tid}: {hit} hit tokens for a context of {len(ctx)}")
+        vals = prefix_values(ctx)
+        bad = first_wrong_token(kv, vals, hit)
+        if bad is not None:
+            self.fail(f"(a) {tid}: loaded KV of token {bad} (block {bad // BT}) is not that of its prefix "
+                      f"({hit} hit tokens, {pinned} blocks matched, {plan.match.hit_blocks} loaded)")
+        fill_kv(kv, vals, hit, len(ctx))
+        m["run"] = {"ctx": ctx, "kv": kv, "reg": reg}
+        m["state"] = "running"
+        self.counts["steps"] += 1
+        self.counts["hit tokens"] += hit
+        self.counts["context tokens"] += len(ctx)
+
+    def op_end_step(self, tid: str | None = None) -> None:
+        ids = self.traces_in("running")
+        if not ids:
+            return
+        tid = tid or self.pick.choice(ids)
+        m, t = self.model[tid], self.trace(tid)
+        run = m["run"]
+        full = np.concatenate([run["ctx"], self.tokens(self.pick.int(0, 6))])
+        seq_len = self.pick.choice((len(full), max(len(run["ctx"]), len(full) - 1), len(run["ctx"])))
+        fill_kv(run["kv"], prefix_values(full), len(run["ctx"]), seq_len)
+        t.end_step(full, run["reg"], seq_len, now=self.when())
+        m.update(tokens=full, held=seq_len, state="stepped", run=None)
+        self.note(f"end_step {tid} tokens={len(full)} seq_len={seq_len}")
+
+    def op_tool_start(self, tid: str | None = None) -> None:
+        ids = self.traces_in("stepped")
+        if not ids:
+            return
+        tid = tid or self.pick.choice(ids)
+        hint, tool = self.pick.choice(HINTS), self.pick.choice(TOOLS)
+        d = self.trace(tid).tool_start(hint, tool, now=self.when())
+        self.model[tid]["state"] = "tool"
+        self.counts["decision:" + d.action.value] += 1
+        self.note(f"tool_start {tid} hint={hint} tool={tool} -> {d.action.value} ({d.reason})")
+
+    def op_cycle(self) -> None:
+        """A whole turn of one trace: a step, then (mostly) a tool call."""
+        ids = self.traces_in("new", "stepped", "tool", "resumed")
+        if not ids:
+            return
+        tid = self.pick.choice(ids)
+        self.op_begin_step(tid)
+        if self.model[tid]["state"] == "running":
+            self.op_end_step(tid)
+            if self.pick.random() < 0.7:
+                self.op_tool_start(tid)
+
+    def op_tool_end(self) -> None:
+        ids = self.traces_in("tool")
+        if not ids:
+            return
+        tid = self.pick.choice(ids)
+        self.trace(tid).tool_end(now=self.when())
+        self.model[tid]["state"] = "resumed"
+        self.note(f"tool_end {tid}")
+
+    def op_fork(self) -> None:
+        if not self.model or len(self.model) >= self.MAX_TRACES:
+            return
+        pid = self.pick.choice(sorted(self.model))
+        tid = f"t{self.next_id}"
+        self.next_id += 1
+        self.trace(pid).fork(tid)
+        p = self.model[pid]
+        self.model[tid] = {"tokens": p["tokens"].copy(), "held": p["held"], "state": "new", "run": None,
+                           "pending": None}
+        self.note(f"fork {pid} -> {tid}")
+
+    def op_retain(self) -> None:
+        if not self.model:
+            return
+        tid = self.pick.choice(sorted(self.model))
+        ttl = self.pick.choice((0.001, 0.5, 5.0, 60.0, 500.0))
+        t = self.trace(tid)
+        n = (t.retain if self.pick.random() < 0.5 else t.pin)(ttl, now=self.when())
+        self.counts["leased blocks (retain)"] += n
+        self.note(f"retain {tid} ttl={ttl} -> {n}")
+
+    def op_release_retained(self) -> None:
+        if self.model:
+            tid = self.pick.choice(sorted(self.model))
+            self.trace(tid).release_retained()
+            self.note(f"release_retained {tid}")
+
+    def op_clock(self) -> None:
+        self.now += self.pick.choice(JUMPS) * (0.5 + self.pick.random())
+        self.mgr.tick(self.when())
+        self.note("tick")
+
+    def op_close(self) -> None:
+        if self.model:
+            tid = self.pick.choice(sorted(self.model))
+            if self.model[tid]["state"] == "running":
+                self.counts["closed mid-step"] += 1
+            self.trace(tid).close()
+            del self.model[tid]
+            self.note(f"close {tid}")
+
+    def op_lose_nvme_block(self) -> None:
+        """A block vanishes from NVMe behind the cache's back: evicted, corrupted on disk, or I/O errors."""
+        # In an order that does not depend on the tails' random keys (the walk must replay): the
+        # open traces' blocks in their order (first those a running step holds: another reader may
+        # find them lost first), else the other (content) keys sorted.
+        held = [t._match.keys[: t._match.pinned] for t in map(self.trace, sorted(self.model)) if t._match is not None]
+        owned = [self.trace(i).owned_keys() for i in sorted(self.model)]
+        for group in (held, owned):
+            keys = np.concatenate(group + [_NO_KEYS])
+            keys = keys[(self.cache.locate(keys)[0] == NVME) & self.cache.nvme.contains(keys)]  # not lost yet
+            if len(keys) and self.pick.random() < 0.6:
+                break
+        if len(keys) == 0 or self.pick.random() < 0.2:
+            keys = self.cache.nvme.keys()
+            keys = keys[(self.cache.locate(keys)[0] == NVME) & (self.cache.index.refs(keys) == 0)]
+            keys = keys[np.lexsort((keys[:, 1], keys[:, 0]))]
+        if len(keys) == 0:
+            return
+        key = keys[self.pick.int(0, len(keys) - 1)]
+        kind = self.pick.choice(("evict", "corrupt", "io_errors"))
+        if kind == "evict":
+            self.cache.nvme.evict(key[None])
+        elif kind == "corrupt":
+            if not corrupt_nvme_block(self.cache, key, self.pick.int(0, L.block_bytes - 1)):
+                self.fail("no NVMe slot holds a key the tier lists")
+        else:
+            # every I/O fails for the next few operations (failing every n-th would depend on the
+            # order in which io_uring completes them, and the walk could not be replayed)
+            self.cache.nvme.inject_io_errors(1)
+            self.io_error_ops = self.pick.int(1, 3)
+        self.counts["NVMe losses injected: " + kind] += 1
+        self.note(f"lose NVMe block ({kind})")
+
+    def op_misuse(self) -> None:
+        """A call the trace's state does not allow: a clear error, and nothing changes."""
+        if not self.model:
+            return
+        tid = self.pick.choice(sorted(self.model))
+        m, t = self.model[tid], self.trace(tid)
+        bad = {"new": ("end_step", "tool_start", "tool_end"), "running": ("begin_step", "tool_start", "tool_end"),
+               "stepped": ("end_step", "tool_end", "bad_hint"), "tool": ("end_step", "tool_start"),
+               "resumed": ("end_step", "tool_start", "tool_end")}[m["state"]] + ("bad_ttl", "empty_step")
+        call = self.pick.choice(bad)
+        before = t.state
+        with pytest.raises(kvtier.InvalidArgumentError):
+            if call == "end_step":
+                t.end_step(np.arange(8), engine_kv()[1], 8)
+            elif call == "tool_start":
+                t.tool_start(1.0)
+            elif call == "tool_end":
+                t.tool_end()
+            elif call == "begin_step":
+                t.begin_step(np.arange(8))
+            elif call == "bad_hint":
+                t.tool_start(-1.0)
+            elif call == "bad_ttl":
+                t.retain(0)
+            else:
+                t.begin_step([])
+        if t.state is not before:
+            self.fail(f"{tid}: a refused {call} changed the state from {before.value} to {t.state.value}")
+        self.counts["refused calls"] += 1
+
+    OPS = {"open": 6, "begin_step": 22, "end_step": 20, "tool_start": 14, "tool_end": 6, "cycle": 6, "fork": 4,
+           "retain": 4, "release_retained": 2, "clock": 10, "close": 4, "lose_nvme_block": 6, "misuse": 2}
+
+    def can(self, op: str) -> bool:
+        """Whether ``op`` has something to act on (the state machine's preconditions)."""
+        need = {"begin_step": ("new", "stepped", "tool", "resumed"), "cycle": ("new", "stepped", "tool", "resumed"),
+                "end_step": ("running",), "tool_start": ("stepped",), "tool_end": ("tool",)}
+        if op in need:
+            return bool(self.traces_in(*need[op]))
+        if op in ("open", "fork"):
+            return len(self.model) < self.MAX_TRACES and (op == "open" or bool(self.model))
+        if op in ("clock", "lose_nvme_block"):
+            return True
+        return bool(self.model)
+
+    # ---------------------------------------------------------------- checks
+
+    def check(self) -> None:
+        cache, idx = self.cache, self.cache.index
+        if set(self.mgr.traces) != set(self.model):
+            self.fail(f"open traces {sorted(self.mgr.traces)} != {sorted(self.model)}")
+        states = {"new": ("ready",), "running": ("running",), "stepped": ("ready",), "tool": ("tool", "parked"),
+                  "resumed": ("resumed",)}
+        owners: Counter = Counter()
+        pins: Counter = Counter()
+        leased = 0
+        for tid, m in self.model.items():
+            t = self.trace(tid)
+            if t.state.value not in states[m["state"]]:
+                self.fail(f"{tid} is {t.state.value}, expected {states[m['state']]}")
+            # the trace owns the content keys of the tokens it holds KV for, and its tail
+            nf = m["held"] // BT
+            owned = t.owned_keys()
+            content = cache.keys_for(m["tokens"][: nf * BT])
+            if not np.array_equal(owned[:nf], content) or t.num_blocks not in (nf, nf + 1):
+                self.fail(f"{tid} owns {t.num_blocks} blocks that are not those of its {m['held']} tokens")
+            if t.num_blocks > nf and not np.array_equal(t._tail_tokens, m["tokens"][nf * BT: m["held"]]):
+                self.fail(f"{tid}: its tail holds tokens {t._tail_tokens} instead of {m['tokens'][nf * BT: m['held']]}")
+            self.remember(owned)
+            owners.update(k.tobytes() for k in owned)
+            if t._match is not None:
+                pins.update(k.tobytes() for k in t._match.keys[: t._match.pinned])
+            pins.update(k.tobytes() for k in t._lease)
+            leased += len(t._lease)
+        keys = np.array(list(self.seen.values()), dtype=np.uint64).reshape(-1, 2)
+        names = [k.tobytes() for k in keys]
+        refs = idx.refs(keys) if len(keys) else np.zeros(0)
+        want = np.array([owners[n] for n in names])
+        if not np.array_equal(refs, want):
+            i = int(np.flatnonzero(refs != want)[0])
+            self.fail(f"(b) key {keys[i].tolist()}: refcount {refs[i]}, but {want[i]} open traces own it")
+        if len(keys):
+            _, have_pins = cache.locate(keys)
+            want_pins = np.array([pins[n] for n in names])
+            if not np.array_equal(have_pins, want_pins):
+                i = int(np.flatnonzero(have_pins != want_pins)[0])
+                tier = cache.locate(keys[i:i + 1])[0][0]
+                self.fail(f"(d) key {keys[i].tolist()} (tier {tier}): {have_pins[i]} pins, "
+                          f"but the open matches and leases hold {want_pins[i]}")
+        if self.mgr.kept_blocks() != leased:
+            self.fail(f"the manager counts {self.mgr.kept_blocks()} leased blocks, the traces hold {leased}")
+        for tier in (DEVICE, DRAM):
+            pool = cache.pools[tier]
+            if pool.free_blocks + idx.count(tier) != pool.num_blocks:
+                self.fail(f"(c) {('device', 'dram')[tier]}: {pool.free_blocks} free + {idx.count(tier)} cached != "
+                          f"{pool.num_blocks} blocks (a leak or a double use)")
+        on_nvme = cache.nvme.keys()
+        if len(on_nvme) and (cache.locate(on_nvme)[0] != NVME).any():
+            k = on_nvme[cache.locate(on_nvme)[0] != NVME][0]
+            self.fail(f"(c) NVMe slot of key {k.tolist()} belongs to no key the index has on NVMe (a leaked slot)")
+
+    def finish(self) -> None:
+        """Close every trace, let every lease expire: nothing may stay referenced or pinned."""
+        for tid in sorted(self.model):
+            self.trace(tid).close()
+            del self.model[tid]
+        self.now += 1e6
+        self.mgr.tick(self.now)
+        self.check()
+        idx = self.cache.index
+        for tier in (DEVICE, DRAM, NVME):
+            n = idx.count(tier)
+            if idx.victims(tier, n + 1)[2] != n:
+                self.fail(f"(c) {n - idx.victims(tier, n + 1)[2]} blocks of tier {tier} are still pinned at the end")
+        if self.mgr.kept_blocks() or self.mgr.traces:
+            self.fail("leases or traces left at the end")
+
+    def coverage(self) -> dict[str, int]:
+        out = dict(self.counts)
+        snap, st_ = self.mgr.metrics.snapshot(), self.cache.nvme.stats()
+        for k in ("prefetches", "expired_leases", "tail_tokens_reused", "late_recompute_tokens", "headroom_runs",
+                  "farthest_demoted_blocks", "demoted_blocks", "dropped_blocks"):
+            out["trace " + k] = snap[k]
+        out["late restores"] = snap["prefetch_lateness_s"]["late"]
+        for k in ("corrupt_blocks", "read_misses", "read_errors", "write_errors"):
+            out["nvme " + k] = st_[k]
+        out["cache declined_blocks"] = self.cache.metrics.declined_blocks
+        out["cache stored_below_blocks"] = self.cache.metrics.stored_below_blocks
+        return out
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def run_walk(root: Path, seed: int, ops: int) -> TraceWalk:
+    rng = np.random.default_rng(seed)
+    walk = TraceWalk(root, RngPick(rng), profile=seed)
+    names, weights = list(TraceWalk.OPS), np.array(list(TraceWalk.OPS.values()), dtype=float)
+    try:
+        for _ in range(ops):
+            walk.run(names[int(rng.choice(len(names), p=weights / weights.sum()))])
+        walk.finish()
+        walk.final = walk.coverage()
+    finally:
+        walk.close()
+    return walk
+
+
+FUZZ_SEEDS = 12
+FUZZ_OPS = 500
+
+
+@pytest.mark.parametrize("i", range(FUZZ_SEEDS))
+def test_random_walks_keep_kv_refs_and_pins_right(tmp_path: Path, i: int) -> None:
+    from conftest import BASE_SEED
+
+    seed = BASE_SEED + i
+    cov = run_walk(tmp_path, seed, ops=FUZZ_OPS).final
+    print(f"walk seed {seed} (profile {seed % len(FUZZ_PROFILES)}):", cov)
+    assert cov.get("steps", 0) >= 30 and cov.get("op:tool_start", 0) >= 10
+
+
+class TraceMachine(RuleBasedStateMachine):
+    """The same operations, drawn by hypothesis (which shrinks a failing sequence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="kvtier-trace-fuzz-"))
+        self.walk: TraceWalk | None = None
+        self.failed = False
+
+    @initialize(profile=st.integers(0, len(FUZZ_PROFILES) - 1), data=st.data())
+    def start(self, profile: int, data: Any) -> None:
+        # a smaller cache than the walks': short sequences reach NVMe too
+        self.walk = TraceWalk(self.dir, DataPick(data), profile=profile, blocks=(6, 8, 32))
+        for _ in range(3):
+            self.walk.run("open")
+
+    def _do(self, op: str, data: Any) -> None:
+        assert self.walk is not None
+        self.walk.pick = DataPick(data)
+        try:
+            self.walk.run(op)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _rule(op: str) -> Any:  # noqa: N805 (runs in the class body)
+        def do(self: TraceMachine, data: Any) -> None:
+            self._do(op, data)
+
+        do.__name__ = op
+        return precondition(lambda self: self.walk is not None and self.walk.can(op))(rule(data=st.data())(do))
+
+    for _op in TraceWalk.OPS:
+        locals()[_op] = _rule(_op)
+    del _op, _rule
+
+    def teardown(self) -> None:
+        try:
+            if self.walk is not None:
+                if not self.failed:
+                    self.walk.finish()
+                self.walk.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestTraceMachine = TraceMachine.TestCase
+# Shrinking a failure runs thousands of sequences (minutes); the failure message already lists the
+# operations before it. KVTIER_FUZZ_SHRINK=1 shrinks it too.
+TestTraceMachine.settings = settings(
+    max_examples=100, stateful_step_count=80,
+    phases=[p for p in Phase if p is not Phase.shrink or os.environ.get("KVTIER_FUZZ_SHRINK") == "1"])

@@ -265,6 +265,7 @@ class TieredCache:
         dram = self.pools[DRAM]
         step = self.staging_reserve
         usable = match.hit_blocks
+        released = np.zeros(match.hit_blocks, dtype=bool)  # this match's pin already dropped
         for start in range(0, len(on_nvme), step):
             pos = on_nvme[start:start + step]
             pos = pos[pos < usable]
@@ -280,12 +281,12 @@ class TieredCache:
             h.wait()
             ok = h.block_ok
             self.metrics.record_transfer("nvme", "dram", int(ok.sum()) * self.layout.block_bytes, h.latency_s)
-            if not ok.all():  # missing or corrupt: a miss from the first bad block on
+            if not ok.all():  # missing, corrupt or unreadable: a miss from the first bad block on
                 usable = int(pos[np.argmin(ok)])
                 self.metrics.hits["nvme"] -= int((~ok).sum())
                 self.metrics.misses += int((~ok).sum())
-                self.index.unpin(k[~ok])
-                self.index.remove(k[~ok])
+                self._forget_lost(k[~ok])
+                released[pos[~ok]] = True
             good = ok & (pos < usable)
             if good.any():
                 self.engine.transfer(dram, staging[good], dst, dst_ids[pos[good]]).wait()
@@ -297,8 +298,9 @@ class TieredCache:
                 self.index.relocate(k[keep], DRAM, staging[keep])
             dram.free(staging[~keep])
         if usable < match.hit_blocks:
-            tail = keys[usable:]
-            self.index.unpin(tail[self.index.contains(tail) == 1])
+            # Unpin the rest once: a lost key another match still pins stays in the index, and a
+            # second unpin here would take that match's pin.
+            self.index.unpin(keys[usable:][~released[usable:]])
             match.hit_blocks = match.pinned = usable
         return usable
 
@@ -512,20 +514,27 @@ class TieredCache:
         if len(present) == 0:
             return 0
         self.index.pin(present)
+        pinned = np.ones(len(present), dtype=bool)  # lost keys drop their pin as they are forgotten
         try:
             if tier < NVME and (where == NVME).any():
-                self._nvme_to_dram(present[where == NVME])
+                on_nvme = np.flatnonzero(where == NVME)
+                lost = np.zeros(len(on_nvme), dtype=bool)
+                try:
+                    self._nvme_to_dram(present[on_nvme], lost)
+                finally:
+                    pinned[on_nvme[lost]] = False
             if tier == DEVICE:  # where the NVMe reads left them
                 where, blocks, _ = self.index.locate(present)
                 self._promote_dram(present, where, blocks)
         finally:
-            self.index.unpin(present)
+            self.index.unpin(present[pinned])
         where, _, _ = self.index.locate(keys)
         return int((where == tier).sum())
 
-    def _nvme_to_dram(self, keys: np.ndarray) -> int:
-        """Read pinned NVMe ``keys`` into DRAM blocks (in staging-sized chunks); corrupt or missing
-        blocks are removed. Returns how many arrived."""
+    def _nvme_to_dram(self, keys: np.ndarray, lost: np.ndarray) -> int:
+        """Read NVMe ``keys`` (pinned by the caller) into DRAM blocks (in staging-sized chunks);
+        corrupt, missing or unreadable blocks are forgotten, their pin dropped and ``lost[i]`` set.
+        Returns how many arrived."""
         arrived = 0
         step = max(1, self.staging_reserve)
         for start in range(0, len(keys), step):
@@ -541,14 +550,23 @@ class TieredCache:
             self.metrics.record_transfer("nvme", "dram", int(ok.sum()) * self.layout.block_bytes, h.latency_s)
             if not ok.all():
                 self.metrics.misses += int((~ok).sum())
-                self.index.unpin(k[~ok])
-                self.index.remove(k[~ok])
+                self._forget_lost(k[~ok])
+                lost[start:start + len(k)] |= ~ok
             if ok.any():
                 self.nvme.evict(k[ok])
                 self.index.relocate(k[ok], DRAM, ids[ok])
             self.pools[DRAM].free(ids[~ok])
             arrived += int(ok.sum())
         return arrived
+
+    def _forget_lost(self, keys: np.ndarray) -> None:
+        """NVMe ``keys`` that failed to read (missing, corrupt, I/O error), pinned once by the caller:
+        drop that pin and the index entry (unless another reader still pins it: it will find the
+        block lost too), and free the slot, which an I/O error leaves behind (nothing would find
+        it again once the index forgets the key)."""
+        self.index.unpin(keys)
+        self.index.remove(keys)
+        self.nvme.evict(keys)
 
     def drop_keys(self, keys: Any) -> int:
         """Remove cached, unpinned ``keys`` from every tier (they will be recomputed); returns how many."""

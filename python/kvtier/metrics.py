@@ -18,7 +18,8 @@ cache's counters at scrape time (no background thread, nothing on the hot path);
 ``register_traces(manager, registry=None, name="default")`` does the same for a
 :class:`~kvtier.TraceManager` (the trace-aware policy):
 
-- ``kvtier_trace_decisions_total{cache, action}``: tool-start decisions (keep, dram, nvme, drop)
+- ``kvtier_trace_decisions_total{cache, action}``: tool-start decisions (keep, dram, nvme, drop,
+  nothing)
 - ``kvtier_trace_decision_reasons_total{cache, reason}``
 - ``kvtier_trace_gap_sources_total{cache, source}``: hint, learned, fleet, prior
 - ``kvtier_trace_prefetch_lateness_seconds{cache, quantile}``: p50/p90/p99/max (gauge), and

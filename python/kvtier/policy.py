@@ -11,6 +11,8 @@ owns; shared prefixes are left alone and stay hot) spend the gap?
   dram     demote to DRAM now, prefetch back before the trace resumes.
   nvme     the same through NVMe.
   drop     free it and recompute it at resume.
+  nothing  the trace has no private blocks on the device: there is nothing to place (its blocks
+           there are held for a time-to-live as for keep, and what sits below is restored).
 
 Note [Gap-aware placement]: moving KV out is worth it only when the gap is long enough to move it
 out *and* back before the trace resumes (else the restore is on the critical path), and only when
@@ -55,6 +57,7 @@ class Action(str, enum.Enum):
     DRAM = "dram"
     NVME = "nvme"
     DROP = "drop"
+    NOTHING = "nothing"  # no private blocks on the device: nothing to place (not counted as a keep)
 
 
 @dataclass
@@ -240,7 +243,8 @@ class TraceAwarePolicy:
                 costs[name] = max(0.0, cost.round_trip_s(b, tier) - gap_s)
         keep = Decision(Action.KEEP, gap_s, gap_source, ttl_s=ttl, costs=costs)
         if b == 0:
-            return _with(keep, "no private blocks")
+            return Decision(Action.NOTHING, gap_s, gap_source, ttl_s=ttl, reason="no private blocks on the device",
+                            costs=costs)
         if not tiers.has_dram:
             return _with(keep, "no tier below the device")
         if gap_s <= self.keep_margin * cost.round_trip_s(b, DRAM) and tiers.device_fill < self.critical_fill:

@@ -5,10 +5,14 @@ with every trace whose context starts the same way, refcounted across the traces
 Note [Trace references] in csrc/index/block_index.h) and the private partial tail block, which a
 plain prefix cache cannot keep. Its lifecycle::
 
-    ready --begin_step--> running --tool_start--> tool (KV kept on the device, with a TTL)
-                                              \\-> parked (KV demoted to DRAM/NVMe, or dropped)
+    ready --begin_step--> running --end_step--> ready (a step may follow a step)
+    ready, right after end_step --tool_start--> tool (KV kept on the device, with a TTL)
+                                           \\-> parked (KV demoted to DRAM/NVMe, or dropped)
     tool/parked --tool_end (or the next begin_step)--> resumed --begin_step--> running ...
     any --close--> closed
+
+``tool_start`` is valid once per step, right after its ``end_step``; a second ``end_step`` or
+``tool_start`` without a new step is an :class:`~kvtier.InvalidArgumentError` naming the state.
 
 At ``tool_start`` the :class:`~kvtier.policy.TraceAwarePolicy` decides where the trace's private
 KV spends the gap (Note [Gap-aware placement] in kvtier/policy.py) and, when it is moved out, when
@@ -187,6 +191,7 @@ class Trace:
         self._restore_blocks = 0
         self._lateness_recorded = False
         self._match: PrefixMatch | None = None
+        self._step_ended = False  # end_step ran and no tool_start or begin_step since: tool_start may follow
         self.expected_resume = float("inf")  # while waiting on a tool: when the trace should be back
 
     # ------------------------------------------------------------------ introspection
@@ -229,13 +234,13 @@ class Trace:
         if self.state is TraceState.RUNNING:
             raise InvalidArgumentError(f"trace {self.id!r} is already running a step; call end_step first")
         now = self._mgr._now(now)
-        if self.state in (TraceState.TOOL, TraceState.PARKED):
-            self.tool_end(now)
         cache, bt = self._mgr.cache, self._mgr.block_tokens
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) == 0:
             raise InvalidArgumentError("a step's context must hold at least one token")
-        keys = cache.keys_for(tokens)
+        keys = cache.keys_for(tokens)  # checks the token ids: bad input changes nothing
+        if self.state in (TraceState.TOOL, TraceState.PARKED):
+            self.tool_end(now)
         limit = (len(tokens) - 1) // bt  # leave at least one token to compute
         nfull = len(self._keys)
         probe = keys[:limit]
@@ -265,6 +270,7 @@ class Trace:
             late_tokens = tokens_late
             self._mgr.metrics.late_recompute_tokens += tokens_late
         self._restore_blocks = 0
+        self._step_ended = False
         match = cache.match_keys(probe)
         self._release_lease()  # the match pins what it found
         hit_tokens = match.hit_blocks * bt
@@ -282,7 +288,9 @@ class Trace:
         and the partial tail, and makes them the trace's. Returns the blocks stored."""
         self._check_open()
         if self.state is not TraceState.RUNNING:
-            raise InvalidArgumentError(f"trace {self.id!r} is {self.state.value}, not running: call begin_step first")
+            again = "its last step already ended; " if self._step_ended else ""
+            raise InvalidArgumentError(
+                f"trace {self.id!r} is {self.state.value}, not running: {again}call begin_step first")
         tokens = np.asarray(tokens, dtype=np.int64)
         if not 0 <= seq_len <= len(tokens):
             raise InvalidArgumentError(f"seq_len={seq_len} must be within [0, {len(tokens)}] (the tokens given)")
@@ -311,22 +319,30 @@ class Trace:
                 self._tail_key = key
                 self._tail_tokens = tokens[nf * bt: seq_len].copy()
                 stored += 1
+        self.state = TraceState.READY
+        self._step_ended = True
         return stored
 
     # ------------------------------------------------------------------ tool calls
 
     def tool_start(self, expected_gap_s: float | None = None, tool: str | None = None,
                    now: float | None = None) -> Decision:
-        """The trace waits on a tool: decide where its private KV spends the gap, and act."""
+        """The trace waits on a tool: decide where its private KV spends the gap, and act. Valid
+        once per step, right after its :meth:`end_step`."""
         self._check_open()
-        if self.state is not TraceState.RUNNING:
-            raise InvalidArgumentError(f"trace {self.id!r} is {self.state.value}: tool_start follows a step")
-        if self._match is not None:
-            raise InvalidArgumentError(f"trace {self.id!r}: call end_step before tool_start")
+        if self.state is TraceState.RUNNING:
+            raise InvalidArgumentError(f"trace {self.id!r} is running a step: call end_step before tool_start")
+        if not (self.state is TraceState.READY and self._step_ended):
+            why = {TraceState.READY: "no step has run yet",
+                   TraceState.RESUMED: "its tool call ended and no step has run since",
+                   }.get(self.state, "it is already waiting on a tool")
+            raise InvalidArgumentError(
+                f"trace {self.id!r} is {self.state.value}: tool_start follows a step, once ({why})")
         if expected_gap_s is not None and not (isinstance(expected_gap_s, (int, float)) and expected_gap_s >= 0):
             raise InvalidArgumentError(f"expected_gap_s must be a number >= 0 or None, got {expected_gap_s!r}")
         mgr = self._mgr
         now = mgr._now(now)
+        self._step_ended = False
         self.tool, self._tool_started = tool, now
         gap, gap_low, source = mgr.gaps.estimate(tool, expected_gap_s)
         self.expected_resume = now + gap
@@ -344,7 +360,7 @@ class Trace:
         mgr.metrics.decisions[d.action.value] += 1
         mgr.metrics.reasons[f"{d.action.value}: {d.reason}"] += 1
         mgr.metrics.gap_sources[source] += 1
-        if d.action is Action.KEEP:
+        if d.action in (Action.KEEP, Action.NOTHING):  # nothing to move (NOTHING: no private blocks there)
             self._set_lease(self.owned_keys(), now + (d.ttl_s or 0.0))
             self.state = TraceState.TOOL
             # Blocks of the trace that already sit below the device (LRU demoted them while it ran)
