@@ -167,3 +167,55 @@ def test_simulator_checks_against_a_real_replay(model_dir: Path, tmp_path: Path)
     assert check["server"]["serial_decode"] and check["server"]["prefill_tokens_per_s"] > 0
     with pytest.raises(kvtier.InvalidArgumentError, match="no calibration"):
         sim.server_like_replay({"policies": {"tiered": {}}})
+
+
+class _ScriptedRunner:
+    """A PolicyRunner stand-in: every step takes 0.1 s of server time; the steps named in
+    ``late`` are refused once with that restore lateness (as trace-aware's begin_step does)."""
+
+    cache = traces = None
+
+    def __init__(self, late: dict[tuple[str, int], float]) -> None:
+        self.late = dict(late)
+        self.ran: list[tuple[str, int, float]] = []
+
+    def open(self, tid: str, parent: str | None = None) -> None: ...
+    def tick(self, now: float) -> None: ...
+    def tool_start(self, tid: str, now: float, expected_gap_s: float | None, tool: str | None) -> None: ...
+    def tool_end(self, tid: str, now: float) -> None: ...
+    def close_trace(self, tid: str) -> None: ...
+
+    def run_step(self, tid: str, k: int, ctx: np.ndarray, generate: int, now: float):
+        from kvtier.driver import StepResult
+
+        wait = self.late.pop((tid, k), 0.0)
+        if wait:
+            return StepResult([], 0, 0, 0.0, wait_s=wait)
+        self.ran.append((tid, k, now))
+        return StepResult([7] * generate, len(ctx), len(ctx), 0.1)
+
+
+@pytest.mark.parametrize("lateness, a_first", [(0.01, True), (0.5, False)])
+def test_a_short_restore_wait_keeps_the_server(lateness: float, a_first: bool) -> None:
+    """Note [Short waits keep the server]: a step late by less than a typical step's service time
+    waits on the server; a longer wait lets the next ready step run first."""
+    from kvtier.driver import PolicyReplay
+
+    steps = [wl.Step([5, 6], 1, tool_gap_s=1.0), wl.Step([8], 1)]
+    traces = [wl.Trace("a", 0.0, list(steps)), wl.Trace("b", 0.5, [wl.Step([5, 6], 1, 1.0), wl.Step([9], 1)]),
+              wl.Trace("c", 1.105, [wl.Step([4], 1)])]
+    runner = _ScriptedRunner({("a", 1): lateness})
+    replay = PolicyReplay(runner, traces)
+    while replay.step():
+        pass
+    order = [(t, k) for t, k, _ in runner.ran]
+    # a's second step is ready at 1.1 s (0.1 s step + 1 s gap) but its restore is late by
+    # `lateness`; c arrives at 1.105 s, while a waits
+    assert (order.index(("a", 1)) < order.index(("c", 0))) is a_first
+    start_a1 = next(now for t, k, now in runner.ran if (t, k) == ("a", 1))
+    if a_first:
+        assert start_a1 == pytest.approx(1.1 + lateness)
+        assert replay.held_s == pytest.approx(lateness)
+    else:
+        assert replay.held_s == 0.0
+    assert replay.report(keep_tokens=False)["server_held_for_restores_s"] == replay.held_s
