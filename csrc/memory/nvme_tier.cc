@@ -779,12 +779,23 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Read(std::span<const BlockKey> 
   }
   req->ops.reserve(hits * ((payload_bytes_ + options_.max_io_bytes - 1) / options_.max_io_bytes));
   BuildPayloadOps(*req, IoOp::Kind::kPayloadRead);
+  // Note [Reads in file order]: a batch's reads go to the ring in ascending file offset, whatever
+  // order the caller listed the blocks in. The ops are independent (each completes its own
+  // blocks), and the block layer merges requests that are adjacent on disk and submitted together
+  // into one (up to the device's max_sectors_kb), whatever memory they land in. A batch read in
+  // random order thus reaches the disk as the fewest, largest requests its slots allow: a
+  // random-order read of every block of a file becomes a sequential one. NIXL and fio issue in
+  // the caller's order.
+  std::vector<IoOp*> order;
+  order.reserve(req->ops.size());
+  for (IoOp& op : req->ops) order.push_back(&op);
+  std::stable_sort(order.begin(), order.end(), [](const IoOp* a, const IoOp* b) { return a->offset < b->offset; });
   req->blocks_left.store(hits);
   active_requests_.fetch_add(1);
-  Request* raw = req.release();
+  (void)req.release();  // owned by its ops from here on; Finalize frees it
   {
     std::lock_guard<std::mutex> lock(sq_mu_);
-    for (IoOp& op : raw->ops) backlog_.push_back(&op);
+    for (IoOp* op : order) backlog_.push_back(op);
   }
   Pump();
   return state;
