@@ -129,7 +129,6 @@ def gds_cases(mib: int, reps: int, directory: str, engine: kvtier.CopyEngine) ->
     dst = torch.zeros_like(src)
     torch.cuda.synchronize()
     rows: list[dict[str, Any]] = []
-    f = _core.GdsFile.open(os.path.join(directory, "gds.blocks"), create=True, size_bytes=nbytes)
     # the staged anchor: HBM <-> pinned pool (CUDA copy engine) <-> NVMe tier (io_uring, O_DIRECT)
     layout = kvtier.KVLayout(num_layers=32, kv_heads=8, head_dim=128, block_tokens=16, dtype="bfloat16")
     assert layout.block_bytes == chunk
@@ -141,6 +140,12 @@ def gds_cases(mib: int, reps: int, directory: str, engine: kvtier.CopyEngine) ->
     slots = pool.allocate(n)
     tier = kvtier.NvmeTier(tempfile.mkdtemp(dir=directory), pool, num_slots=n, queue_depth=64)
     keys = np.arange(1, n + 1, dtype=np.uint64)
+    try:
+        f = _core.GdsFile.open(os.path.join(directory, "gds.blocks"), create=True, size_bytes=nbytes)
+    except Exception:
+        tier.close()
+        reg_src.close(), reg_dst.close()
+        raise
     try:
         f.register_buffer(src)
         f.register_buffer(dst)
