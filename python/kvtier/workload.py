@@ -164,13 +164,17 @@ def dump(traces: list[Trace], path: str | Path) -> None:
             }) + "\n")
 
 
+def _check_gap_scale(scale: Any) -> None:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
+        raise InvalidArgumentError(f"gap scale must be a number > 0, got {scale!r}")
+
+
 def scale_gaps(traces: list[Trace], scale: float) -> list[Trace]:
     """The same traces with every tool-call gap and gap hint multiplied by ``scale`` (> 0).
 
     Tools, their order and the spread of their gaps are kept; only the time between steps changes
     (Note [Replay load] in :mod:`kvtier.replay`)."""
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
-        raise InvalidArgumentError(f"gap scale must be a number > 0, got {scale!r}")
+    _check_gap_scale(scale)
     if scale == 1:
         return traces
     return [replace(t, steps=[replace(s, tool_gap_s=round(s.tool_gap_s * scale, 6),
@@ -205,6 +209,7 @@ def default_workload(vocab_size: int, seed: int = 0, traces: int = 8, system_tok
     minutes. ``forks`` parents (default 40% of the traces) fan out ``fan_out`` subagents each after
     a random turn; a subagent shares its parent's whole context.
     """
+    _check_gap_scale(gap_scale)
     rng = np.random.default_rng(seed)
     low = 4  # keep a few ids free (no special meaning, just never sampled)
     names = [t[0] for t in DEFAULT_TOOLS]

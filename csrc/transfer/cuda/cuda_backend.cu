@@ -144,6 +144,8 @@ static_assert(sizeof(CopyDesc) == 24);
 // head up to the first V-aligned address, V body (kUnroll loads in flight per thread), byte tail.
 // `tid` and `step` are this thread's index and the number of threads sharing the copy (a block
 // or a warp).
+constexpr int kLoadsInFlight = 8;  // V-wide loads per thread before its stores (Note [Copy kernel shape])
+
 template <typename V, int kUnroll>
 __device__ __forceinline__ void CopyCoAligned(const unsigned char* src, unsigned char* dst, uint64_t len_bytes,
                                               uint64_t tid, uint64_t step) {
@@ -166,19 +168,18 @@ __device__ __forceinline__ void CopyCoAligned(const unsigned char* src, unsigned
   for (uint64_t b = head + vectors * kWidth + tid; b < len_bytes; b += step) dst[b] = src[b];
 }
 
-template <int kUnroll>
 __device__ __forceinline__ void CopyDescriptor(const CopyDesc& d, uint64_t tid, uint64_t step) {
   const auto* src = reinterpret_cast<const unsigned char*>(d.src);
   auto* dst = reinterpret_cast<unsigned char*>(d.dst);
   const uint64_t skew = d.src ^ d.dst;
   if ((skew & 15) == 0) {
-    CopyCoAligned<uint4, kUnroll>(src, dst, d.len_bytes, tid, step);
+    CopyCoAligned<uint4, kLoadsInFlight>(src, dst, d.len_bytes, tid, step);
   } else if ((skew & 7) == 0) {
-    CopyCoAligned<uint2, kUnroll>(src, dst, d.len_bytes, tid, step);
+    CopyCoAligned<uint2, kLoadsInFlight>(src, dst, d.len_bytes, tid, step);
   } else if ((skew & 3) == 0) {
-    CopyCoAligned<unsigned int, kUnroll>(src, dst, d.len_bytes, tid, step);
+    CopyCoAligned<unsigned int, kLoadsInFlight>(src, dst, d.len_bytes, tid, step);
   } else {
-    CopyCoAligned<unsigned char, kUnroll>(src, dst, d.len_bytes, tid, step);
+    CopyCoAligned<unsigned char, kLoadsInFlight>(src, dst, d.len_bytes, tid, step);
   }
 }
 
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(kKernelThreads)
   const uint64_t lane = threadIdx.x & 31u;
   const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (uint64_t i = warp; i < count; i += warps) CopyDescriptor<8>(descs[i], lane, 32);
+  for (uint64_t i = warp; i < count; i += warps) CopyDescriptor(descs[i], lane, 32);
 }
 
 // ---------------------------------------------------------------- probe

@@ -86,9 +86,8 @@ class _KvtierCase:
             self.tier.evict(self.keys)
             self.keys = self.keys + self.n
             self.tier.write(self.keys, self.ids).wait()
-        # Clear the target before the disk settles, as the NIXL worker does: nothing but the
-        # transfer itself runs between a quiet disk and the timed sample.
-        if self.case.mode != "write":
+            # Clear the target before the disk settles, as the NIXL worker does: nothing but the
+            # transfer itself runs between a quiet disk and the timed sample.
             order = self.rng.permutation(self.n) if self.case.mode == "randread" else np.arange(self.n)
             keys, ids = self.keys[order], self.ids[order]
             self.pool.view()[:] = 0

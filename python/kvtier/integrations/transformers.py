@@ -63,6 +63,7 @@ def _positive_int(value: Any, what: str) -> int:
 
 def _layer_types(config: Any, num_layers: int) -> tuple[list[str], list[int | None]]:
     """Each layer's attention type and sliding window, as transformers' own caches see them."""
+    types = None
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
 
@@ -70,13 +71,12 @@ def _layer_types(config: Any, num_layers: int) -> tuple[list[str], list[int | No
         types, kwargs = list(types), list(kwargs)
         if len(kwargs) == len(types):
             return types, [kw.get("sliding_window") for kw in kwargs]
-        # Some 5.x releases (5.17 seen) give per-layer kwargs only for some layers: take the
-        # types from it and the windows from the config, as below.
-        window = getattr(config, "sliding_window", None)
-        return types, [window if t == "sliding_attention" else None for t in types]
+        # Some 5.x releases (5.17 seen) give per-layer kwargs only for some layers: the types
+        # from it, the windows from the config, below.
     except (ImportError, AttributeError):  # a release without it: infer like DynamicCache does
-        pass
-    types = getattr(config, "layer_types", None)
+        types = None
+    if types is None:
+        types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     if types is None:
         if window is not None:
