@@ -86,6 +86,11 @@ def test_bench_nvme_json_shape(tmp_path, case: str) -> None:
     assert report["suite"] == "nvme"
     (r,) = report["results"]
     assert r["kvtier"]["verified"] is True and r["kvtier_gbps"] > 0
+    assert r["turn_order"][0][0] == "kvtier"  # round 0 starts with kvtier; later rounds rotate
+    if r["anchor_gbps"] is None:
+        assert r["paired"] is None
+    else:
+        assert r["paired"]["rounds"] == 1 and r["paired"]["verdict"] == "too few rounds"
     for peer in ("fio", "nixl"):
         p = r["peers"][peer]
         assert ("gbps" in p) or p["missing"]  # measured, or missing with a reason
@@ -113,3 +118,25 @@ def test_bench_nvme_fio_figure_is_best_variant_by_median() -> None:
     assert out["median_of_rounds_best_variant_gbps"] == 3.0  # the biased figure, kept for reference
     nixl = _merge_peer([{"gbps": 1.0}, {"gbps": 3.0}, {"gbps": 2.0}])
     assert nixl["gbps"] == 2.0 and "variant" not in nixl
+
+
+def test_bench_nvme_paired_ratio_and_its_interval() -> None:
+    """Note [Paired ratios]: per-round ratios, an order-statistic 95% interval of their median."""
+    from kvtier.benchmarks.nvme import _round_gbps, median_ci95, paired_ratio
+
+    assert median_ci95([1.0] * 5) is None  # [min, max] of 5 covers the median with 93.75% only
+    assert median_ci95([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (1.0, 6.0)
+    assert median_ci95([float(v) for v in range(20)]) == (5.0, 14.0)  # P(B(20, 1/2) <= 5) = 2.07%
+    faster = paired_ratio([2.2] * 7, [2.0, 2.1, 1.9, 2.0, 2.05, 2.1, 2.0])
+    assert faster["verdict"] == "faster" and faster["ci95"][0] > 1.0 and faster["rounds"] == 7
+    slower = paired_ratio([1.8] * 7, [2.0, 2.1, 1.9, 2.0, 2.05, 2.1, 2.0])
+    assert slower["verdict"] == "slower" and slower["ci95"][1] < 1.0
+    tie = paired_ratio([2.0, 2.2, 1.8, 2.0, 2.1, 1.9, 2.0], [2.0] * 7)
+    assert tie["verdict"] == "parity" and tie["median"] == 1.0
+    assert paired_ratio([2.0, 2.0], [1.0, None])["verdict"] == "too few rounds"
+    assert paired_ratio([2.0], [None]) is None
+    # A peer's per-round figure is the variant its figure uses; a failed round stays a gap.
+    runs = [{"gbps": 3.0, "variants": {"a": {"gbps": 1.0}, "b": {"gbps": 3.0}}}, {"missing": "fio failed"},
+            {"gbps": 2.5, "variants": {"a": {"gbps": 2.0}, "b": {"gbps": 2.5}}}]
+    assert _round_gbps(runs, {"variant": "a"}) == [1.0, None, 2.0]
+    assert _round_gbps([{"gbps": 1.5}, {"missing": "x"}], {}) == [1.5, None]

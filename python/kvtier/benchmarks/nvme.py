@@ -8,14 +8,27 @@ transfer on an O_DIRECT descriptor, its kernel queue sized to the same queue dep
 sample starts on a flushed (``sync``), quiet disk. The default depth is 256: NIXL's Linux AIO
 queue admits more requests than asked for (the kernel sizes the AIO ring up: 254 for 64), so
 below 256 (what the disk admits) NIXL would run deeper than the other two. The three take turns,
-one repetition each per round, and medians over the rounds are compared. The anchor is the better of fio and NIXL; a peer that
-cannot run is reported as missing, never dropped silently. Write cases also time the tier without
-its fdatasync (Note [Durable and flush-free writes]), the promise the peers make.
+one repetition each per round, in a rotated order (Note [Rotating turns]), and medians over the
+rounds are compared. The anchor is the better of fio and NIXL; a peer that cannot run is reported
+as missing, never dropped silently. Write cases also time the tier without its fdatasync (Note
+[Durable and flush-free writes]), the promise the peers make.
+
+Note [Paired ratios]
+~~~~~~~~~~~~~~~~~~~~
+``ratio`` divides kvtier's median by the anchor's. On a disk whose samples swing by 1.5x, that
+figure alone cannot say whether 0.95 means slower or the same: it carries no spread, and "the
+better of two peers" takes the larger of two noisy medians, which puts a tie below 1.0 on
+average. ``paired`` answers that question: kvtier's sample divided by the anchor's sample of the
+same round (taken seconds apart, so a slow stretch of the host slows both), the median of those
+ratios, and a distribution-free 95% interval of that median (order statistics; six rounds at least). The verdict is ``faster`` or ``slower`` when
+the interval lies wholly above or below 1.0, and ``parity`` when it holds 1.0, i.e. the rounds
+cannot tell the two apart; more ``--reps`` narrow the interval.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -158,6 +171,50 @@ def _merge_peer(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _round_gbps(runs: list[dict[str, Any]], merged: dict[str, Any]) -> list[float | None]:
+    """A peer's figure in each round (None where it failed), for the variant its figure uses."""
+    variant = merged.get("variant")
+    out: list[float | None] = []
+    for r in runs:
+        v = r.get("variants", {}).get(variant, r) if variant else r
+        out.append(v.get("gbps") if "gbps" in v else None)
+    return out
+
+
+def median_ci95(values: list[float]) -> tuple[float, float] | None:
+    """A distribution-free 95% interval for the median of ``values``: the order statistics
+    x(k) and x(n+1-k) with the largest k such that P(Binomial(n, 1/2) < k) <= 2.5%. None below
+    six values, where even [min, max] covers the median with less than 95% probability.
+    """
+    n = len(values)
+    k, below = 0, 0.0  # below = P(B <= k - 1)
+    while below + math.comb(n, k) / 2**n <= 0.025:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    x = sorted(values)
+    return x[k - 1], x[n - k]
+
+
+def paired_ratio(kvtier_gbps: list[float], peer_gbps: list[float | None]) -> dict[str, Any] | None:
+    """kvtier / peer, round by round (Note [Paired ratios]): the median of the per-round ratios
+    and a distribution-free 95% interval of that median (:func:`median_ci95`).
+
+    ``verdict`` is ``faster`` when the interval lies above 1.0, ``slower`` when below, ``parity``
+    when it holds 1.0 (the rounds cannot tell the two apart), and ``too few rounds`` under six.
+    """
+    pairs = [k / p for k, p in zip(kvtier_gbps, peer_gbps) if p]
+    if not pairs:
+        return None
+    ci = median_ci95(pairs)
+    if ci is None:
+        verdict = "too few rounds"
+    else:
+        verdict = "faster" if ci[0] > 1.0 else "slower" if ci[1] < 1.0 else "parity"
+    return {"median": round(statistics.median(pairs), 3), "ci95": [round(v, 3) for v in ci] if ci else None,
+            "rounds": len(pairs), "verdict": verdict, "per_round": [round(v, 3) for v in pairs]}
+
 def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_depth: int = 256,
         max_io_bytes: int = 4 << 20, cases: str | None = None, nixl_python: str | None = None,
         seed: int = 0, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -191,36 +248,47 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                                        durable=False) if case.mode == "write" else None)
             fio_runs: list[dict[str, Any]] = []
             nixl_runs: list[dict[str, Any]] = []
-            for _ in range(reps):
-                bar.update(task, description=f"bench nvme: {case.name} (kvtier)")
-                kv_case.rep()
-                if nosync_case is not None:
-                    bar.update(task, description=f"bench nvme: {case.name} (kvtier, no fdatasync)")
-                    nosync_case.rep()
-                bar.update(task, description=f"bench nvme: {case.name} (fio)")
+
+            def fio_turn() -> None:
                 if fio_missing:
                     fio_runs.append({"missing": fio_missing})
-                else:
-                    if case.mode != "write":  # fresh data for every read (Note [Fresh data for every read])
-                        try:
-                            os.remove(os.path.join(base, "fio.dat"))
-                        except OSError:
-                            pass
+                    return
+                if case.mode != "write":  # fresh data for every read (Note [Fresh data for every read])
                     try:
-                        fio_runs.append(nvme_anchors.run_fio(os.path.join(base, "fio.dat"), case.block_bytes, n,
-                                                             queue_depth, case.mode, repeat=1))
-                    except Exception as e:  # a failing peer is reported, not hidden
-                        fio_runs.append({"missing": f"fio failed: {e}"})
-                bar.update(task, description=f"bench nvme: {case.name} (NIXL)")
+                        os.remove(os.path.join(base, "fio.dat"))
+                    except OSError:
+                        pass
+                try:
+                    fio_runs.append(nvme_anchors.run_fio(os.path.join(base, "fio.dat"), case.block_bytes, n,
+                                                         queue_depth, case.mode, repeat=1))
+                except Exception as e:  # a failing peer is reported, not hidden
+                    fio_runs.append({"missing": f"fio failed: {e}"})
+
+            def nixl_turn() -> None:
                 if nixl_missing:
                     nixl_runs.append({"missing": nixl_missing})
-                else:
-                    try:
-                        nixl_runs.append(nvme_anchors.run_nixl_posix(os.path.join(base, "nixl.dat"), case.block_bytes,
-                                                                     n, case.mode, repeat=1, python_exe=nixl_python,
-                                                                     queue_depth=queue_depth))
-                    except Exception as e:
-                        nixl_runs.append({"missing": f"NIXL failed: {e}"})
+                    return
+                try:
+                    nixl_runs.append(nvme_anchors.run_nixl_posix(os.path.join(base, "nixl.dat"), case.block_bytes,
+                                                                 n, case.mode, repeat=1, python_exe=nixl_python,
+                                                                 queue_depth=queue_depth))
+                except Exception as e:
+                    nixl_runs.append({"missing": f"NIXL failed: {e}"})
+
+            turns = [("kvtier", kv_case.rep)]
+            if nosync_case is not None:
+                turns.append(("kvtier, no fdatasync", nosync_case.rep))
+            turns += [("fio", fio_turn), ("NIXL", nixl_turn)]
+            turn_order: list[list[str]] = []
+            for rnd in range(reps):
+                # Note [Rotating turns]: the peers take their turns in a rotated order each round,
+                # so no peer always goes first after the previous case or right after the same
+                # other peer's writes (the host's write-back of them).
+                k = rnd % len(turns)
+                turn_order.append([label for label, _ in turns[k:] + turns[:k]])
+                for label, turn in turns[k:] + turns[:k]:
+                    bar.update(task, description=f"bench nvme: {case.name} ({label})")
+                    turn()
                 bar.advance(task)
             kv = kv_case.finish()
             nosync = nosync_case.finish() if nosync_case is not None else None
@@ -232,6 +300,10 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                     pass
             usable = {k: v["gbps"] for k, v in peers.items() if "gbps" in v}
             anchor = max(usable, key=usable.get) if usable else None
+            block_set = n * case.block_bytes
+            kv_rounds = [block_set / t / 1e9 for t in kv_case.samples]
+            paired = {name: paired_ratio(kv_rounds, _round_gbps(runs, peers[name]))
+                      for name, runs in (("fio", fio_runs), ("nixl", nixl_runs))}
             results.append({
                 "case": case.name,
                 "kvtier_gbps": round(kv["gbps"], 3),
@@ -240,10 +312,15 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                 "ratio": round(kv["gbps"] / usable[anchor], 3) if anchor else None,
                 "fio_gbps": round(usable["fio"], 3) if "fio" in usable else None,
                 "nixl_gbps": round(usable["nixl"], 3) if "nixl" in usable else None,
+                "paired": paired[anchor] if anchor else None,
+                "paired_by_peer": paired,
+                "paired_nosync": (paired_ratio([block_set / t / 1e9 for t in nosync_case.samples],
+                                               _round_gbps(fio_runs if anchor == "fio" else nixl_runs, peers[anchor]),
+                                               ) if nosync_case is not None and anchor else None),
                 "kvtier_nosync_gbps": round(nosync["gbps"], 3) if nosync else None,
                 "ratio_nosync": round(nosync["gbps"] / usable[anchor], 3) if nosync and anchor else None,
                 "mode": case.mode, "block_bytes": case.block_bytes, "blocks": n,
-                "queue_depth": queue_depth, "kvtier": kv, "kvtier_nosync": nosync, "peers": peers,
+                "queue_depth": queue_depth, "turn_order": turn_order, "kvtier": kv, "kvtier_nosync": nosync, "peers": peers,
             })
     if directory is None:
         shutil.rmtree(base, ignore_errors=True)
@@ -252,7 +329,8 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                          "max_io_bytes": max_io_bytes, "directory": base, "seed": seed},
               "results": results}
     table = Table(title=f"kvtier bench nvme ({size_mib} MiB per case, QD {queue_depth}, median of {reps})")
-    for col in ("case", "kvtier GB/s", "fio GB/s", "NIXL GB/s", "ratio to best", "no-fsync kvtier GB/s, ratio"):
+    for col in ("case", "kvtier GB/s", "fio GB/s", "NIXL GB/s", "ratio to best", "paired [95% CI]",
+                "no-fsync kvtier GB/s, ratio"):
         table.add_column(col, justify="left" if col == "case" else "right")
 
     def fmt(v: float | None, peer: dict[str, Any] | None = None) -> str:
@@ -264,8 +342,11 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
         ns = "-" if r["kvtier_nosync_gbps"] is None else (
             f"{r['kvtier_nosync_gbps']:.2f}, {r['ratio_nosync']:.2f}x" if r["ratio_nosync"] is not None
             else f"{r['kvtier_nosync_gbps']:.2f}")
+        pr = r["paired"]
+        pcol = "n/a" if pr is None else f"{pr['median']:.2f}x " + (
+            f"[{pr['ci95'][0]:.2f}, {pr['ci95'][1]:.2f}] {pr['verdict']}" if pr["ci95"] else f"({pr['verdict']})")
         table.add_row(r["case"], f"{r['kvtier_gbps']:.2f}", fmt(r["fio_gbps"]), fmt(r["nixl_gbps"]),
-                      f"[{style}]{ratio:.2f}x[/{style}]" if ratio is not None else "n/a", ns)
+                      f"[{style}]{ratio:.2f}x[/{style}]" if ratio is not None else "n/a", pcol, ns)
     Console().print(table)
     for name, why in (("fio", fio_missing), ("NIXL", nixl_missing)):
         if why:
