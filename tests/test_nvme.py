@@ -115,6 +115,41 @@ def test_corrupt_payload_is_a_counted_miss_and_removed(tmp_path: Path, pool: kvt
     assert tier.contains([12]).tolist() == [False]  # removed, never found again
 
 
+@pytest.mark.parametrize("max_io_kib", [16, 4096])  # blocks split into 4 requests / merged runs
+def test_parallel_verification_finds_exactly_the_corrupt_blocks(tmp_path: Path, max_io_kib: int) -> None:
+    """Note [Verifying reads in parallel]: with several verify threads, each corrupt block is a
+    miss, every other block arrives intact, and the handle completes once, after all of them."""
+    pool = kvtier.HostPool(64 * 1024, num_blocks=48)
+    ids = pool.allocate(48)
+    data = fill(pool, ids, seed=11)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=48, verify_threads=4, max_io_bytes=max_io_kib << 10)
+    assert tier.verify_threads == 4
+    keys = list(range(100, 148))
+    tier.write(keys, ids).wait()
+    bad = {3, 17, 40}
+    offsets = [tier._core.payload_offset(s) + 777 * s for s in bad]  # slots follow positions here
+    tier.close()
+    with open(tmp_path / "kvtier.slots", "r+b") as f:
+        for off in offsets:
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0x5A]))
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=48, verify_threads=4, max_io_bytes=max_io_kib << 10)
+    for round_ in range(1, 4):
+        pool.view()[ids] = 0
+        h = tier.read(keys, ids)
+        h.wait()
+        assert {i for i, ok in enumerate(h.block_ok.tolist()) if not ok} == bad
+        for i in set(range(48)) - bad:
+            np.testing.assert_array_equal(pool.view()[ids[i]], data[i])
+        s = tier.stats()
+        # Round 1 finds the three corrupt; they are dropped, so later rounds miss them.
+        assert s["corrupt_blocks"] == 3 and s["read_hits"] == 45 * round_ and s["read_misses"] == 3 * round_
+    assert tier.contains([keys[i] for i in sorted(bad)]).tolist() == [False] * 3
+    tier.close()
+
+
 def test_corrupt_header_is_not_recovered(tmp_path: Path, pool: kvtier.HostPool) -> None:
     ids = pool.allocate(2)
     fill(pool, ids, seed=6)
@@ -265,6 +300,9 @@ def test_bad_input(tmp_path: Path, pool: kvtier.HostPool) -> None:
         tier.contains([-1])
     with pytest.raises(kvtier.InvalidArgumentError, match="queue_depth"):
         kvtier.NvmeTier(tmp_path / "b", pool, num_slots=4, queue_depth=0)
+    for bad in (0, -1, 65, 2.0, True):
+        with pytest.raises(kvtier.InvalidArgumentError, match="verify_threads"):
+            kvtier.NvmeTier(tmp_path / "b", pool, num_slots=4, verify_threads=bad)
     with pytest.raises(kvtier.InvalidArgumentError, match="max_io_bytes"):
         kvtier.NvmeTier(tmp_path / "c", pool, num_slots=4, max_io_bytes=1000)
     (tmp_path / "d").mkdir()

@@ -30,7 +30,7 @@ void BindNvme(nb::module_& m) {
       .def_static(
           "open",
           [](const std::string& directory, HostPool& staging, uint32_t num_slots, uint32_t queue_depth,
-             uint64_t max_io_bytes, bool durable, bool allow_buffered_io) {
+             uint64_t max_io_bytes, bool durable, bool allow_buffered_io, uint32_t verify_threads) {
             NvmeTierOptions o;
             o.directory = directory;
             o.block_bytes = staging.block_bytes();
@@ -39,6 +39,7 @@ void BindNvme(nb::module_& m) {
             o.max_io_bytes = max_io_bytes;
             o.durable = durable;
             o.allow_buffered_io = allow_buffered_io;
+            o.verify_threads = verify_threads;
             Result<std::unique_ptr<NvmeTier>> r = [&] {
               nb::gil_scoped_release nogil;
               return NvmeTier::Open(o, staging);
@@ -46,7 +47,7 @@ void BindNvme(nb::module_& m) {
             return Unwrap(std::move(r));
           },
           "directory"_a, "staging"_a, "num_slots"_a, "queue_depth"_a = 64, "max_io_bytes"_a = uint64_t{4} << 20,
-          "durable"_a = true, "allow_buffered_io"_a = false, nb::keep_alive<0, 2>())
+          "durable"_a = true, "allow_buffered_io"_a = false, "verify_threads"_a = 0, nb::keep_alive<0, 2>())
       .def("write", &Submit<&NvmeTier::Write>, "keys"_a, "pool_ids"_a)
       .def("read", &Submit<&NvmeTier::Read>, "keys"_a, "pool_ids"_a)
       .def("contains",
@@ -81,6 +82,7 @@ void BindNvme(nb::module_& m) {
       .def("payload_offset", &NvmeTier::payload_offset, "slot"_a, "File offset of a slot's payload.")
       .def_prop_ro("num_slots", &NvmeTier::num_slots)
       .def_prop_ro("queue_depth", &NvmeTier::queue_depth)
+      .def_prop_ro("verify_threads", &NvmeTier::verify_threads)
       .def_prop_ro("io_mode", &NvmeTier::io_mode)
       .def_prop_ro("path", &NvmeTier::path)
       .def("stats", [](const NvmeTier& t) {

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/thread_pool.h"
 #include "index/checksum.h"
 #include "memory/block_allocator.h"
 #include "memory/block_space.h"
@@ -62,6 +63,7 @@ struct NvmeTierOptions {
   uint64_t max_io_bytes = uint64_t{4} << 20;  // largest single read/write request (merged or split)
   bool durable = true;                       // fdatasync before acknowledging a write batch
   bool allow_buffered_io = false;            // opt-in for file systems that refuse O_DIRECT
+  uint32_t verify_threads = 0;               // threads verifying read checksums (0: one per core, at most 8)
 };
 
 struct NvmeTierStats {
@@ -112,6 +114,7 @@ class NvmeTier {
   uint64_t payload_offset(uint32_t slot) const noexcept { return header_table_bytes_ + uint64_t(slot) * payload_bytes_; }
   uint32_t num_slots() const noexcept { return options_.num_slots; }
   uint32_t queue_depth() const noexcept { return options_.queue_depth; }
+  uint32_t verify_threads() const noexcept { return static_cast<uint32_t>(verify_pool_ ? verify_pool_->size() : 0); }
   const std::string& io_mode() const noexcept { return io_mode_; }
   const std::string& path() const noexcept { return slots_path_; }
 
@@ -145,6 +148,7 @@ class NvmeTier {
   void Pump();  // moves backlog into the ring; takes sq_mu_
   void OnOpDone(IoOp* op, int res);
   void BlockDone(Request& req, uint32_t block, bool ok);
+  void VerifyBlocks(Request& req, std::span<const uint32_t> blocks);
   void BuildPayloadOps(Request& req, IoOp::Kind kind);
   void AssignHeaderGroups(Request& req) const;
   void StartHeaders(Request& req, uint32_t group);
@@ -172,6 +176,7 @@ class NvmeTier {
   uint32_t inflight_ops_ = 0;             // guarded by sq_mu_
   bool stopping_ = false;                 // guarded by sq_mu_
   std::thread completion_thread_;
+  std::unique_ptr<ThreadPool> verify_pool_;  // Note [Verifying reads in parallel]
 
   mutable std::mutex index_mu_;
   std::unordered_map<BlockKey, IndexEntry, BlockKeyHash> index_;  // guarded by index_mu_

@@ -61,6 +61,9 @@ class NvmeTier:
             staging pool are merged up to it, larger blocks split (default 4 MiB).
         durable: acknowledge writes only after fdatasync.
         allow_buffered_io: opt in to buffered I/O where the file system refuses O_DIRECT.
+        verify_threads: threads that verify read blocks against their checksums (default: one
+            per core, at most 8). A disk hands completions back in bursts; verifying a burst on
+            several cores keeps the caller from waiting on checksums after the last byte arrived.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class NvmeTier:
         max_io_bytes: int = 4 << 20,
         durable: bool = True,
         allow_buffered_io: bool = False,
+        verify_threads: int | None = None,
     ) -> None:
         if not getattr(_core, "HAVE_NVME", False):
             raise UnavailableError(f"kvtier was built without io_uring: {_core.build_info()['io_uring_why']}")
@@ -90,10 +94,16 @@ class NvmeTier:
         assert num_slots is not None
         if not 0 < num_slots < 1 << 31:
             raise InvalidArgumentError(f"num_slots must be in [1, 2^31), got {num_slots}")
+        if verify_threads is not None and (
+            not isinstance(verify_threads, (int, np.integer)) or isinstance(verify_threads, bool)
+            or not 1 <= verify_threads <= 64
+        ):
+            raise InvalidArgumentError(f"verify_threads must be an int in [1, 64] or None, got {verify_threads!r}")
         self.staging = staging
         self.directory = os.fspath(directory)
         self._core: Any = _core.NvmeTier.open(
-            self.directory, staging._core, int(num_slots), queue_depth, max_io_bytes, durable, allow_buffered_io
+            self.directory, staging._core, int(num_slots), queue_depth, max_io_bytes, durable, allow_buffered_io,
+            int(verify_threads or 0),
         )
 
     def _tier(self) -> Any:
@@ -104,6 +114,11 @@ class NvmeTier:
     @property
     def num_slots(self) -> int:
         return self._tier().num_slots
+
+    @property
+    def verify_threads(self) -> int:
+        """Threads verifying read checksums (Note [Verifying reads in parallel])."""
+        return self._tier().verify_threads
 
     @property
     def io_mode(self) -> str:
