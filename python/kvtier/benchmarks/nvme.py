@@ -20,9 +20,10 @@ figure alone cannot say whether 0.95 means slower or the same: it carries no spr
 better of two peers" takes the larger of two noisy medians, which puts a tie below 1.0 on
 average. ``paired`` answers that question: kvtier's sample divided by the anchor's sample of the
 same round (taken seconds apart, so a slow stretch of the host slows both), the median of those
-ratios, and a distribution-free 95% interval of that median (order statistics; six rounds at least). The verdict is ``faster`` or ``slower`` when
-the interval lies wholly above or below 1.0, and ``parity`` when it holds 1.0, i.e. the rounds
-cannot tell the two apart; more ``--reps`` narrow the interval.
+ratios, and a distribution-free 95% interval of that median (order statistics; six rounds at
+least). The verdict is ``faster`` or ``slower`` when the interval lies wholly above or below 1.0,
+and ``parity`` when it holds 1.0, i.e. the rounds cannot tell the two apart; more ``--reps``
+narrow the interval.
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ def paired_ratio(kvtier_gbps: list[float], peer_gbps: list[float | None]) -> dic
     return {"median": round(statistics.median(pairs), 3), "ci95": [round(v, 3) for v in ci] if ci else None,
             "rounds": len(pairs), "verdict": verdict, "per_round": [round(v, 3) for v in pairs]}
 
+
 def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_depth: int = 256,
         max_io_bytes: int = 4 << 20, cases: str | None = None, nixl_python: str | None = None,
         seed: int = 0, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -315,12 +317,13 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                 "paired": paired[anchor] if anchor else None,
                 "paired_by_peer": paired,
                 "paired_nosync": (paired_ratio([block_set / t / 1e9 for t in nosync_case.samples],
-                                               _round_gbps(fio_runs if anchor == "fio" else nixl_runs, peers[anchor]),
-                                               ) if nosync_case is not None and anchor else None),
+                                               _round_gbps(fio_runs if anchor == "fio" else nixl_runs, peers[anchor]))
+                                  if nosync_case is not None and anchor else None),
                 "kvtier_nosync_gbps": round(nosync["gbps"], 3) if nosync else None,
                 "ratio_nosync": round(nosync["gbps"] / usable[anchor], 3) if nosync and anchor else None,
                 "mode": case.mode, "block_bytes": case.block_bytes, "blocks": n,
-                "queue_depth": queue_depth, "turn_order": turn_order, "kvtier": kv, "kvtier_nosync": nosync, "peers": peers,
+                "queue_depth": queue_depth, "turn_order": turn_order, "kvtier": kv, "kvtier_nosync": nosync,
+                "peers": peers,
             })
     if directory is None:
         shutil.rmtree(base, ignore_errors=True)
