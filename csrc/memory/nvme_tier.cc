@@ -428,8 +428,9 @@ void NvmeTier::OnOpDone(IoOp* op, int res) {
       // Note [Verifying reads in parallel]: the disk hands back completions in bursts (on this
       // machine's virtio disk, half of a 512 MiB read within a few ms), and checksumming a burst
       // on this thread alone left the caller waiting a median 6.5-8.1 ms (3-4% of the read)
-      // after the last byte had arrived (3.1-5.8 ms with two verify threads). The verify pool spreads each burst over the cores; the blocks of one
-      // op are verified together, in one task.
+      // after the last byte had arrived (3.1-5.8 ms with two verify threads). The verify pool
+      // spreads each burst over the cores; the blocks of one op are verified together, in one
+      // task.
       if (!whole.empty()) {
         verify_pool_->Post([this, r = &req, blocks = std::move(whole)] { VerifyBlocks(*r, blocks); });
       }
