@@ -141,12 +141,11 @@ struct CopyDesc {
 static_assert(sizeof(CopyDesc) == 24);
 
 // Copies len bytes with V-wide accesses when src and dst are congruent modulo sizeof(V): byte
-// head up to the first V-aligned address, V body (kUnroll loads in flight per thread), byte tail.
-// `tid` and `step` are this thread's index and the number of threads sharing the copy (a block
-// or a warp).
+// head up to the first V-aligned address, V body (kLoadsInFlight loads in flight per thread), byte
+// tail. `tid` and `step` are this thread's lane and the number of lanes sharing the copy (a warp).
 constexpr int kLoadsInFlight = 8;  // V-wide loads per thread before its stores (Note [Copy kernel shape])
 
-template <typename V, int kUnroll>
+template <typename V>
 __device__ __forceinline__ void CopyCoAligned(const unsigned char* src, unsigned char* dst, uint64_t len_bytes,
                                               uint64_t tid, uint64_t step) {
   constexpr uint64_t kWidth = sizeof(V);
@@ -157,12 +156,12 @@ __device__ __forceinline__ void CopyCoAligned(const unsigned char* src, unsigned
   const V* vs = reinterpret_cast<const V*>(src + head);
   V* vd = reinterpret_cast<V*>(dst + head);
   uint64_t v = tid;
-  for (; v + (kUnroll - 1) * step < vectors; v += kUnroll * step) {
-    V r[kUnroll];
+  for (; v + (kLoadsInFlight - 1) * step < vectors; v += kLoadsInFlight * step) {
+    V r[kLoadsInFlight];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) r[k] = vs[v + k * step];
+    for (int k = 0; k < kLoadsInFlight; ++k) r[k] = vs[v + k * step];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) vd[v + k * step] = r[k];
+    for (int k = 0; k < kLoadsInFlight; ++k) vd[v + k * step] = r[k];
   }
   for (; v < vectors; v += step) vd[v] = vs[v];
   for (uint64_t b = head + vectors * kWidth + tid; b < len_bytes; b += step) dst[b] = src[b];
@@ -173,13 +172,13 @@ __device__ __forceinline__ void CopyDescriptor(const CopyDesc& d, uint64_t tid, 
   auto* dst = reinterpret_cast<unsigned char*>(d.dst);
   const uint64_t skew = d.src ^ d.dst;
   if ((skew & 15) == 0) {
-    CopyCoAligned<uint4, kLoadsInFlight>(src, dst, d.len_bytes, tid, step);
+    CopyCoAligned<uint4>(src, dst, d.len_bytes, tid, step);
   } else if ((skew & 7) == 0) {
-    CopyCoAligned<uint2, kLoadsInFlight>(src, dst, d.len_bytes, tid, step);
+    CopyCoAligned<uint2>(src, dst, d.len_bytes, tid, step);
   } else if ((skew & 3) == 0) {
-    CopyCoAligned<unsigned int, kLoadsInFlight>(src, dst, d.len_bytes, tid, step);
+    CopyCoAligned<unsigned int>(src, dst, d.len_bytes, tid, step);
   } else {
-    CopyCoAligned<unsigned char, kLoadsInFlight>(src, dst, d.len_bytes, tid, step);
+    CopyCoAligned<unsigned char>(src, dst, d.len_bytes, tid, step);
   }
 }
 

@@ -123,6 +123,9 @@ class _KvtierCase:
             self.verified &= bool(h.block_ok.all()) and np.array_equal(self.pool.view(), self.expected)
         self.samples.append(h.latency_s)
 
+    def gbps_by_round(self) -> list[float]:
+        return [self.n * self.case.block_bytes / t / 1e9 for t in self.samples]
+
     def finish(self) -> dict[str, Any]:
         if self.case.mode == "write":  # read the last write back
             self.pool.view()[:] = 0
@@ -302,10 +305,9 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                     pass
             usable = {k: v["gbps"] for k, v in peers.items() if "gbps" in v}
             anchor = max(usable, key=usable.get) if usable else None
-            block_set = n * case.block_bytes
-            kv_rounds = [block_set / t / 1e9 for t in kv_case.samples]
-            paired = {name: paired_ratio(kv_rounds, _round_gbps(runs, peers[name]))
-                      for name, runs in (("fio", fio_runs), ("nixl", nixl_runs))}
+            peer_rounds = {name: _round_gbps(runs, peers[name])
+                           for name, runs in (("fio", fio_runs), ("nixl", nixl_runs))}
+            paired = {name: paired_ratio(kv_case.gbps_by_round(), r) for name, r in peer_rounds.items()}
             results.append({
                 "case": case.name,
                 "kvtier_gbps": round(kv["gbps"], 3),
@@ -316,8 +318,7 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                 "nixl_gbps": round(usable["nixl"], 3) if "nixl" in usable else None,
                 "paired": paired[anchor] if anchor else None,
                 "paired_by_peer": paired,
-                "paired_nosync": (paired_ratio([block_set / t / 1e9 for t in nosync_case.samples],
-                                               _round_gbps(fio_runs if anchor == "fio" else nixl_runs, peers[anchor]))
+                "paired_nosync": (paired_ratio(nosync_case.gbps_by_round(), peer_rounds[anchor])
                                   if nosync_case is not None and anchor else None),
                 "kvtier_nosync_gbps": round(nosync["gbps"], 3) if nosync else None,
                 "ratio_nosync": round(nosync["gbps"] / usable[anchor], 3) if nosync and anchor else None,
