@@ -25,7 +25,32 @@ def info() -> dict[str, Any]:
         "io_uring": uring,
         "ucx": ucx,
         "gds": gds,
+        "cluster": _cluster(),
     }
+
+
+def _cluster() -> dict[str, Any]:
+    """The metadata store client, and the state of every ClusterStore open in this process."""
+    try:
+        import redis
+    except ImportError:
+        return {"compiled": False, "usable": False, "detail": "", "stores": [],
+                "reason": "the Redis client is not installed (pip install 'kvtier[cluster]')"}
+    from kvtier.cluster.metadata import open_stores
+
+    stores = [s.status() for s in open_stores()]
+    parts = [f"redis-py {redis.__version__}"]
+    for st in stores:
+        if st["connected"]:
+            parts.append(f"worker {st['worker']} connected to {st['url']} (incarnation {st['incarnation']})")
+        else:
+            parts.append(f"worker {st['worker']} DISCONNECTED from {st['url']} for {st['disconnected_s']:.1f} s, "
+                         f"serving from its own tiers ({st['last_error'] or 'not joined yet'})")
+    if not stores:
+        parts.append("no store open in this process")
+    usable = all(st["connected"] for st in stores)
+    return {"compiled": True, "usable": usable, "detail": "; ".join(parts), "stores": stores,
+            "reason": "" if usable else "; ".join(parts[1:])}
 
 
 def render(data: dict[str, Any]) -> None:
@@ -56,4 +81,7 @@ def render(data: dict[str, Any]) -> None:
     t.add_row("ucx", yes(x["compiled"]), yes(x["usable"]), ucx_detail)
     g = data["gds"]
     t.add_row("gds (cuFile)", yes(g["compiled"]), yes(g["usable"]), g["detail"] if g["usable"] else g["reason"])
+    k = data.get("cluster")
+    if k is not None:
+        t.add_row("cluster store", yes(k["compiled"]), yes(k["usable"]), k["detail"] or k["reason"])
     Console().print(t)

@@ -27,6 +27,17 @@ cache's counters at scrape time (no background thread, nothing on the hot path);
 - ``kvtier_trace_{prefetched,demoted,dropped}_blocks_total``, ``kvtier_trace_late_recompute_tokens_total``,
   ``kvtier_trace_tail_tokens_reused_total``, ``kvtier_trace_expired_leases_total``
 - ``kvtier_trace_open{cache}``, ``kvtier_trace_leased_blocks{cache}`` (gauges)
+
+``register_cluster(store, registry=None, name="default")`` does the same for a
+:class:`~kvtier.cluster.ClusterStore` (the cluster metadata store, docs/cluster.md):
+
+- ``kvtier_cluster_store_connected{cache, worker}``: 1 while the store answers and the lease is
+  held, 0 while the worker serves from its own tiers only (gauge)
+- ``kvtier_cluster_store_disconnected_seconds{cache, worker}`` (gauge)
+- ``kvtier_cluster_store_calls_total{cache, op}``, ``kvtier_cluster_store_errors_total{cache, op}``
+- ``kvtier_cluster_store_latency_seconds{cache, op, quantile}``: round trip p50/p99 (gauge)
+- ``kvtier_cluster_store_{fast_failures,keys_looked_up,records_returned,lease_renewals,rejoins,
+  reconnects,cleaned_entries}_total{cache}``
 """
 
 from __future__ import annotations
@@ -136,5 +147,46 @@ def register_traces(manager: Any, registry: Any = None, name: str = "default") -
             gg = GaugeMetricFamily(f"kvtier_trace_{key}", help_text, labels=["cache"])
             gg.add_metric([name], value)
             yield gg
+
+    return _register(collect, registry)
+
+
+def register_cluster(store: Any, registry: Any = None, name: str = "default") -> Any:
+    """Register a scrape-time collector for a :class:`~kvtier.cluster.ClusterStore`."""
+    CounterMetricFamily, GaugeMetricFamily = _families()
+
+    def collect() -> Any:
+        snap = store.metrics.snapshot()
+        status = store.status()
+        up = GaugeMetricFamily("kvtier_cluster_store_connected", "1 while the metadata store answers and "
+                               "the lease is held; 0: serving from own tiers only", labels=["cache", "worker"])
+        up.add_metric([name, store.worker_id], 1.0 if status["connected"] else 0.0)
+        yield up
+        down = GaugeMetricFamily("kvtier_cluster_store_disconnected_seconds", "Seconds since the store "
+                                 "stopped answering (0 while connected)", labels=["cache", "worker"])
+        down.add_metric([name, store.worker_id], status["disconnected_s"])
+        yield down
+        for key, help_text in (("calls", "Store round trips, by operation"),
+                               ("errors", "Store round trips that failed, by operation")):
+            c = CounterMetricFamily(f"kvtier_cluster_store_{key}", help_text, labels=["cache", "op"])
+            for op, v in snap[key].items():
+                c.add_metric([name, op], v)
+            yield c
+        lat = GaugeMetricFamily("kvtier_cluster_store_latency_seconds", "Store round trip quantiles",
+                                labels=["cache", "op", "quantile"])
+        for op, d in snap["latency"].items():
+            lat.add_metric([name, op, "0.5"], d["p50_ms"] / 1e3)
+            lat.add_metric([name, op, "0.99"], d["p99_ms"] / 1e3)
+        yield lat
+        for key, help_text in (("fast_failures", "Calls refused at once while disconnected"),
+                               ("keys_looked_up", "Block keys looked up"),
+                               ("records_returned", "Live holder records returned by lookups"),
+                               ("lease_renewals", "Lease renewals"),
+                               ("rejoins", "New incarnations after a lost lease or store"),
+                               ("reconnects", "Reconnections after the store was unreachable"),
+                               ("cleaned_entries", "Dead workers' directory entries removed")):
+            c = CounterMetricFamily(f"kvtier_cluster_store_{key}", help_text, labels=["cache"])
+            c.add_metric([name], snap[key])
+            yield c
 
     return _register(collect, registry)

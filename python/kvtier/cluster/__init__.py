@@ -1,0 +1,39 @@
+"""kvtier across workers: cluster metadata on Redis and the trace migration protocol.
+
+- :mod:`kvtier.cluster.metadata`: :class:`ClusterStore`, one worker's view of the store:
+  liveness leases, published worker info, the block directory, fenced trace ownership.
+- :mod:`kvtier.cluster.migration`: migration planning (dedup against what the target holds)
+  and the ownership-move state machine; the data moves through an injected mover.
+
+The UCX data plane (``kvtier.cluster.peer``) plugs in as a mover. See docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+from kvtier.cluster.metadata import (
+    LOOKUP_RECORD,
+    ClusterStore,
+    Lookup,
+    OwnershipError,
+    StaleWriteError,
+    StoreMetrics,
+    StoreUnavailableError,
+    TraceOwner,
+    WorkerInfo,
+    WorkerRecord,
+    open_stores,
+)
+
+__all__ = [
+    "LOOKUP_RECORD",
+    "ClusterStore",
+    "Lookup",
+    "OwnershipError",
+    "StaleWriteError",
+    "StoreMetrics",
+    "StoreUnavailableError",
+    "TraceOwner",
+    "WorkerInfo",
+    "WorkerRecord",
+    "open_stores",
+]
