@@ -600,33 +600,44 @@ class ClusterStore:
         self.metrics.add("records_returned", records.shape[0])
         return Lookup(keys.shape[0], tuple(n.decode() for n in names), records, rtt)
 
-    def validate(self, keys: Any, workers: Sequence[str], slots: Any, generations: Any) -> np.ndarray:
+    def validate(self, keys: Any, workers: str | Sequence[str], slots: Any, generations: Any) -> np.ndarray:
         """``[n]`` bool: whether each (key, worker, slot, generation) entry is still current and
         its holder live (one round trip). Read a remote block, then validate: a block whose
-        holder freed or reused its slot in between fails here and is a miss."""
+        holder freed or reused its slot in between fails here and is a miss. ``workers`` is one
+        name for all the entries, or one per entry."""
         keys = as_keys(keys)
         n = keys.shape[0]
-        if len(workers) != n:
-            raise InvalidArgumentError(f"workers must have {n} entries, got {len(workers)}")
+        names: dict[str, int] = {}
+        if isinstance(workers, str):
+            names[check_worker_id(workers)] = 0
+            widx = np.zeros(n, dtype=np.uint32)
+        else:
+            if len(workers) != n:
+                raise InvalidArgumentError(f"workers must have {n} entries, got {len(workers)}")
+            widx = np.fromiter((names.setdefault(check_worker_id(w), len(names)) for w in workers),
+                               dtype=np.uint32, count=n)
+        return self._validate(keys, widx, tuple(names), slots, generations)
+
+    def _validate(self, keys: np.ndarray, widx: np.ndarray, names: Sequence[str], slots: Any,
+                  generations: Any) -> np.ndarray:
+        n = keys.shape[0]
         if n == 0:
             return np.empty(0, dtype=bool)
-        names: dict[str, int] = {}
-        widx = np.fromiter((names.setdefault(check_worker_id(w), len(names)) for w in workers),
-                           dtype=np.uint32, count=n)
         rec = np.empty(n, dtype=_VALIDATE_RECORD)
         rec["key"] = keys
         rec["worker"] = widx
         rec["slot"] = _as_u32(slots, n, "slots")
         rec["generation"] = _as_u32(generations, n, "generations")
-        out = self._run("validate", "VALIDATE", rec.tobytes(), *names.keys())
+        out = self._run("validate", "VALIDATE", rec.tobytes(), *names)
         return np.frombuffer(out, dtype=np.uint8).astype(bool)
 
     def validate_lookup(self, lookup: Lookup, rows: Any, keys: Any) -> np.ndarray:
-        """:meth:`validate` for ``rows`` of a :class:`Lookup` made on ``keys``."""
+        """:meth:`validate` for ``rows`` of a :class:`Lookup` made on ``keys`` (no per-row Python)."""
         keys = as_keys(keys)
+        if keys.shape[0] != lookup.num_keys:
+            raise InvalidArgumentError(f"the lookup was made on {lookup.num_keys} keys, got {keys.shape[0]}")
         rec = lookup.records[np.asarray(rows, dtype=np.int64)]
-        workers = [lookup.workers[int(w)] for w in rec["worker"]]
-        return self.validate(keys[rec["key"]], workers, rec["slot"], rec["generation"])
+        return self._validate(keys[rec["key"]], rec["worker"], lookup.workers, rec["slot"], rec["generation"])
 
     def cleanup(self, max_entries: int = 1024, max_batches: int = 64) -> int:
         """Garbage-collect directory entries of dead (or rejoined) workers, ``max_entries`` per
