@@ -541,3 +541,16 @@ def test_metrics_export(redis_server: Any) -> None:
     assert 'kvtier_cluster_store_connected{cache="w",worker="a"} 0.0' in text
     assert 'kvtier_cluster_store_errors_total{cache="w",op="lookup"} 1.0' in text
     a.close()
+
+
+def test_bench_measure_runs_and_leaves_nothing(redis_server: Any) -> None:
+    from kvtier.cluster.bench import measure
+
+    res = measure(redis_server.url, sizes=(1, 16), repeats=3, seconds=0.05)
+    assert [r["keys"] for r in res["lookup"]] == [1, 16]
+    # every key held by bench-a, the first half (8) also by bench-b
+    assert [r["records"] for r in res["lookup"]] == [1 + 1, 16 + 8]
+    assert all(v > 0 for v in res["ops_per_s"].values())
+    raw = redis.Redis.from_url(redis_server.url)
+    assert [k for k in raw.scan_iter(match="kvt:*")] == []  # its namespace is cleaned up
+    raw.close()
