@@ -273,11 +273,11 @@ def test_lapsed_lease_hides_entries_and_cleanup_removes_them(redis_server: Any) 
 
 
 def test_heartbeat_keeps_a_short_lease(redis_server: Any) -> None:
-    a = make(redis_server, "a", lease_ms=300, heartbeat=True)
+    a = make(redis_server, "a", lease_ms=500, heartbeat=True)
     b = make(redis_server, "b")
     a.publish(keys_of([1]), [0])
     inc = a.incarnation
-    time.sleep(1.2)  # four leases long
+    time.sleep(1.5)  # three leases long
     assert b.lookup(keys_of([1])).holder_count().tolist() == [1]
     assert a.incarnation == inc and a.metrics.lease_renewals >= 3
     a.close()
@@ -517,6 +517,20 @@ def test_constructor_on_a_dead_store_starts_disconnected(redis_server: Any) -> N
     redis_server.start(port)
     wait_for(lambda: a.connected, timeout_s=5.0)
     assert a.publish(keys_of([1]), [0]).tolist() == [1]
+    a.close()
+
+
+def test_without_heartbeat_calls_reconnect_after_backoff(redis_server: Any) -> None:
+    a = make(redis_server, "a", backoff_s=(1.0, 1.0))
+    redis_server.kill()
+    with pytest.raises(StoreUnavailableError):
+        a.lookup(keys_of([1]))
+    redis_server.restart()
+    with pytest.raises(StoreUnavailableError, match="reconnecting with backoff"):
+        a.lookup(keys_of([1]))  # within the backoff: refused at once, even though the store is back
+    time.sleep(1.05)
+    assert a.lookup(keys_of([1])).num_keys == 1  # reconnected (and rejoined: the store is new)
+    assert a.connected and a.metrics.rejoins == 1
     a.close()
 
 

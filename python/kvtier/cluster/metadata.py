@@ -353,11 +353,11 @@ class ClusterStore:
         self._lease_deadline = 0.0  # monotonic time the lease surely ends unless renewed
         self._closed = False
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         try:
             self._join()
         except StoreUnavailableError:
             pass  # start disconnected; the heartbeat keeps trying
-        self._thread: threading.Thread | None = None
         if heartbeat:
             self._thread = threading.Thread(target=self._heartbeat, name=f"kvtier-store-{worker_id}", daemon=True)
             self._thread.start()
@@ -417,6 +417,8 @@ class ClusterStore:
         """Run one store round trip, mapping failures to kvtier errors and timing it."""
         if self._closed:
             raise StoreUnavailableError(f"{op}: the ClusterStore of {self.worker_id} is closed")
+        if needs_lease and not self._connected and self._thread is None and time.monotonic() >= self._next_attempt:
+            self._renew_or_rejoin()  # no heartbeat thread: reconnect inline (bounded by timeout_s)
         if needs_lease and not self._connected:
             self.metrics.add("fast_failures")
             raise StoreUnavailableError(
