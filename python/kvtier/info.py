@@ -34,12 +34,19 @@ def _cluster() -> dict[str, Any]:
     try:
         import redis
     except ImportError:
-        return {"compiled": False, "usable": False, "detail": "", "stores": [],
+        return {"compiled": False, "usable": False, "detail": "", "stores": [], "probe": None,
                 "reason": "the Redis client is not installed (pip install 'kvtier[cluster]')"}
-    from kvtier.cluster.metadata import open_stores
+    import os
+
+    from kvtier.cluster.metadata import open_stores, probe_store
 
     stores = [s.status() for s in open_stores()]
     parts = [f"redis-py {redis.__version__}"]
+    url = os.environ.get("KVTIER_STORE_URL", "")
+    probe = probe_store(url) if url else None  # the store this machine's workers use, if named
+    if probe is not None:
+        parts.append(f"store {url}: redis {probe['server']}, {probe['live_workers']} live worker(s)"
+                     if probe["reachable"] else f"store {url} UNREACHABLE ({probe['error']})")
     for st in stores:
         if st["connected"]:
             parts.append(f"worker {st['worker']} connected to {st['url']} (incarnation {st['incarnation']})")
@@ -48,8 +55,8 @@ def _cluster() -> dict[str, Any]:
                          f"serving from its own tiers ({st['last_error'] or 'not joined yet'})")
     if not stores:
         parts.append("no store open in this process")
-    usable = all(st["connected"] for st in stores)
-    return {"compiled": True, "usable": usable, "detail": "; ".join(parts), "stores": stores,
+    usable = all(st["connected"] for st in stores) and (probe is None or probe["reachable"])
+    return {"compiled": True, "usable": usable, "detail": "; ".join(parts), "stores": stores, "probe": probe,
             "reason": "" if usable else "; ".join(parts[1:])}
 
 

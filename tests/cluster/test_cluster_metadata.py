@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -568,3 +569,22 @@ def test_bench_measure_runs_and_leaves_nothing(redis_server: Any) -> None:
     raw = redis.Redis.from_url(redis_server.url)
     assert [k for k in raw.scan_iter(match="kvt:*")] == []  # its namespace is cleaned up
     raw.close()
+
+
+def test_kvtier_info_probes_the_named_store(redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.info import info
+
+    a = make(redis_server, "a")
+    monkeypatch.setenv("KVTIER_STORE_URL", redis_server.url)
+    cl = info()["cluster"]
+    assert cl["usable"] and cl["probe"]["reachable"] and cl["probe"]["live_workers"] == 1
+    assert "redis 7." in cl["detail"] and "1 live worker" in cl["detail"]
+    a.close()
+    redis_server.kill()
+    t0 = time.monotonic()
+    cl = info()["cluster"]
+    assert time.monotonic() - t0 < 2.0
+    assert not cl["usable"] and "UNREACHABLE" in cl["detail"] and cl["reason"]
+    out = subprocess.run([sys.executable, "-m", "kvtier.cli", "info"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert "cluster store" in out.stdout and "UNREACHABLE" in out.stdout, out.stdout + out.stderr

@@ -721,6 +721,35 @@ class ClusterStore:
         self._run("release_trace", "RELEASE_TRACE", trace_id, check_fence(fence))
 
 
+def probe_store(url: str, cluster: str = "default", timeout_s: float = 0.5) -> dict[str, Any]:
+    """Is the store at ``url`` reachable (one PING and one read, each bounded by ``timeout_s``)?
+
+    Returns ``reachable``, ``server`` (Redis version), ``live_workers`` (of ``cluster``) and
+    ``error``. Never raises for an unreachable store (``kvtier info`` calls it).
+    """
+    try:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+    except ImportError:
+        return {"reachable": False, "server": "", "live_workers": 0, "error": "the Redis client is not installed"}
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                      retry=Retry(NoBackoff(), 0))
+    except ValueError as e:
+        return {"reachable": False, "server": "", "live_workers": 0, "error": f"bad url {url!r}: {e}"}
+    try:
+        version = client.info("server").get("redis_version", "?")
+        prefix = f"kvt:{{{cluster}}}:"
+        members = client.smembers(prefix + "workers")
+        live = sum(1 for v in client.mget([prefix + "w:" + m.decode() + ":live" for m in members]) if v) if members else 0
+        return {"reachable": True, "server": str(version), "live_workers": live, "error": ""}
+    except (redis.RedisError, OSError) as e:
+        return {"reachable": False, "server": "", "live_workers": 0, "error": f"{type(e).__name__}: {e}"}
+    finally:
+        client.close()
+
+
 def new_worker_id(prefix: str = "w") -> str:
     """A random worker id (for tools and tests that need a fresh one)."""
     return f"{prefix}-{secrets.token_hex(4)}"
