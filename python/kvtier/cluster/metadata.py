@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.cluster import _scripts
-from kvtier.errors import InvalidArgumentError, KvtierError, UnavailableError
+from kvtier.errors import ClosedError, InvalidArgumentError, KvtierError, UnavailableError
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _WORKER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -416,7 +416,7 @@ class ClusterStore:
     def _call(self, op: str, fn: Callable[[], Any], *, needs_lease: bool = True) -> Any:
         """Run one store round trip, mapping failures to kvtier errors and timing it."""
         if self._closed:
-            raise StoreUnavailableError(f"{op}: the ClusterStore of {self.worker_id} is closed")
+            raise ClosedError(f"{op}: the ClusterStore of {self.worker_id} is closed")
         if needs_lease and not self._connected and self._thread is None and time.monotonic() >= self._next_attempt:
             self._renew_or_rejoin()  # no heartbeat thread: reconnect inline (bounded by timeout_s)
         if needs_lease and not self._connected:
