@@ -216,6 +216,39 @@ def test_target_lease_lapses_before_commit(redis_server: Any, rng: np.random.Gen
     dst.close()
 
 
+def test_source_dies_mid_move_target_takes_over(redis_server: Any, rng: np.random.Generator,
+                                                engine: Any) -> None:
+    """The source's lease lapses while the target pulls: what it pulled no longer validates (its
+    holder is dead), the move aborts with nothing published; the trace's owner is dead, so the
+    target may claim it (with a new fence) and recompute what it lacks."""
+    src, dst, keys, _ = setup_trace(redis_server, rng)
+    src.store.close(leave=False)
+    src.store = ClusterStore(redis_server.url, "src", lease_ms=150, timeout_s=0.2, heartbeat=False)
+    src.put(keys, src.read(keys))
+    src.traces["t"] = src.store.claim_trace("t")
+    dst_free = dst.pool.free_blocks
+    inner = PoolMover({"src": src.pool, "dst": dst.pool}, "dst", engine)
+
+    def slow_mover(batch: PullBatch) -> np.ndarray:
+        out = inner(batch)
+        time.sleep(0.3)  # the source's lease lapses under the copy
+        return out
+
+    res = migration(src, dst, keys, engine, mover=slow_mover).run()
+    assert res.state is MigrationState.ABORTED and "changed while being pulled" in res.error
+    assert dst.pool.free_blocks == dst_free
+    assert not dst.store.lookup(keys[5:]).held_by("dst").any()
+    assert not dst.store.lookup(keys).held_by("src").any()  # a dead worker's blocks are not offered
+    owner = dst.store.trace_owner("t")
+    assert owner is not None and owner.owner == "src" and not owner.owner_live
+    fence = dst.store.claim_trace("t")
+    assert fence > src.traces["t"]
+    with pytest.raises(StaleWriteError):
+        src.store.write_trace("t", src.traces["t"], {"late": 1})
+    src.close()
+    dst.close()
+
+
 @pytest.mark.parametrize("kill_before", ["plan", "prepare", "move", "mid-move", "commit"])
 def test_store_killed_mid_migration_trace_stays_at_source(redis_server: Any, rng: np.random.Generator,
                                                           engine: Any, kill_before: str) -> None:
