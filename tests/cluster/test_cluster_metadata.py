@@ -510,14 +510,17 @@ def test_constructor_on_a_dead_store_starts_disconnected(redis_server: Any) -> N
     port = redis_server.port
     redis_server.kill()
     t0 = time.monotonic()
-    a = ClusterStore(f"redis://127.0.0.1:{port}/0", "a", timeout_s=0.2, backoff_s=(0.05, 0.1))
+    joined: list[int] = []
+    a = ClusterStore(f"redis://127.0.0.1:{port}/0", "a", timeout_s=0.2, backoff_s=(0.05, 0.1),
+                     on_rejoin=lambda s: joined.append(s.publish(keys_of([1]), [0])[0]))
     assert time.monotonic() - t0 < 1.0
     assert not a.connected and a.incarnation is None
     with pytest.raises(StoreUnavailableError):
         a.publish(keys_of([1]), [0])
     redis_server.start(port)
-    wait_for(lambda: a.connected, timeout_s=5.0)
-    assert a.publish(keys_of([1]), [0]).tolist() == [1]
+    wait_for(lambda: a.connected and bool(joined), timeout_s=5.0)
+    assert joined == [1]  # on_rejoin published what the worker held while the store was away
+    assert a.publish(keys_of([1]), [0]).tolist() == [2]
     a.close()
 
 

@@ -287,8 +287,9 @@ class ClusterStore:
         renew_ms: how often the heartbeat renews it (default ``lease_ms // 3``).
         timeout_s: the bound on every call's wait for the server (connect and reply).
         backoff_s: (first, largest) wait between reconnection attempts; doubles each miss.
-        on_rejoin: called (from the heartbeat thread) with this store after the worker got a new
-            incarnation (its lease had lapsed or the store was lost): republish blocks there.
+        on_rejoin: called (from the heartbeat thread) with this store after the worker got an
+            incarnation other than at construction (its lease had lapsed, the store was lost, or
+            the store was down at construction): republish blocks and re-claim traces there.
         heartbeat: run the background renewal thread (tests turn it off to let a lease lapse).
 
     The constructor does not fail when the store is down: the worker starts disconnected, and
@@ -457,8 +458,10 @@ class ClusterStore:
     def _renew_or_rejoin(self) -> None:
         """One heartbeat: renew the lease; rejoin if it was lost. Raises StoreUnavailableError."""
         t_sent = time.monotonic()
-        if self._incarnation is None:
+        if self._incarnation is None:  # the store was down when this worker started
             self._join()
+            if self.on_rejoin is not None:
+                self.on_rejoin(self)
             return
         ok = int(self._run("renew", "RENEW", self.worker_id, self._incarnation, self.lease_ms, needs_lease=False))
         if ok:
