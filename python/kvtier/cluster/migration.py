@@ -197,6 +197,7 @@ class Migration:
         self.new_fence: int | None = None
         self.moved_keys = np.empty((0, 2), dtype=np.uint64)
         self.moved_slots = np.empty(0, dtype=np.int64)  # target slots now holding pulled blocks
+        self.unsure_slots = np.empty(0, dtype=np.int64)  # held until release_unsure() (see move)
         self.timings_s: dict[str, float] = {}
         self.error = ""
         self._maybe_moving = False
@@ -262,8 +263,37 @@ class Migration:
         self.moved_slots = np.concatenate(slots_done) if slots_done else np.empty(0, dtype=np.int64)
         if self.moved_keys.shape[0]:
             checksums = np.concatenate([b.checksums for b in self.plan.pulls])
-            self._timed("publish", lambda: self.target.publish(self.moved_keys, self.moved_slots, checksums))
+            try:
+                self._timed("publish", lambda: self.target.publish(self.moved_keys, self.moved_slots, checksums))
+            except StoreUnavailableError:
+                # Note [A publish whose reply was lost]: the entries may be in the store, pointing
+                # at these slots with generations no free has bumped; giving the slots back now
+                # would let them be reused under a reader whose validation still passes. They
+                # stay held until free_slots has reached the store (release_unsure()).
+                self.unsure_slots = self.moved_slots
+                self.moved_keys = np.empty((0, 2), dtype=np.uint64)
+                self.moved_slots = np.empty(0, dtype=np.int64)
+                raise
+            except BaseException:
+                if self.discard is not None:
+                    self.discard(self.moved_slots)  # refused (e.g. stale incarnation): nothing was written
+                raise
         self.state = MigrationState.MOVED
+
+    def release_unsure(self) -> bool:
+        """Give back the target slots of a publish whose reply was lost: ``free_slots`` them in
+        the store first (bumping their generations), then ``discard``. Returns True when done
+        (or nothing was pending); False while the store is unreachable (call again later)."""
+        if self.unsure_slots.size == 0:
+            return True
+        try:
+            self.target.free_slots(self.unsure_slots)
+        except StoreUnavailableError:
+            return False
+        if self.discard is not None:
+            self.discard(self.unsure_slots)
+        self.unsure_slots = np.empty(0, dtype=np.int64)
+        return True
 
     def commit(self) -> int:
         """Step 4: ownership moves to the target atomically; returns the target's fence."""
