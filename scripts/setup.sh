@@ -9,6 +9,8 @@ cd "$KVTIER_ROOT"
 # Debian packages: compilers, pkg-config, the native parts kvtier links (liburing, UCX, xxhash),
 # and Python's venv/headers. Installed only when missing.
 apt_packages=(g++ make pkg-config liburing-dev libucx-dev ucx-utils libxxhash-dev)
+# fio: the NVMe tier's anchor in `kvtier bench nvme` (tests check the comparison with it present).
+apt_packages+=(fio)
 # python3-venv/-dev only when this python3 lacks venv or its headers (pyenv builds have both).
 python3 -c "import venv, os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
   2>/dev/null || apt_packages+=(python3-venv python3-dev)

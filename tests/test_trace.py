@@ -382,10 +382,21 @@ def test_simulate_orders_policies_and_reports_cost(tmp_path: Path) -> None:
     rep = sim.simulate(traces=40, servers=2, hbm_kv_gib=4, progress=False, quiet=True, json_path=str(out))
     assert rep["kind"].startswith("SIMULATION") and out.exists()
     p = rep["policies"]
-    comp = {k: v["prefill_tokens"]["computed"] for k, v in p.items()}
-    assert comp["trace-aware"] <= comp["tiered"] < comp["device-lru"] < comp["none"]
-    assert p["trace-aware"]["jct_s"]["p50"] <= p["none"]["jct_s"]["p50"]
-    for v in p.values():
+    # Which policy leads is what the simulator measures, not something to pin here. What must hold
+    # whatever the policies decide: the books balance between independent counters (the cache's
+    # hits and bytes moved, the driver's computed tokens) and the same work is offered to all.
+    bt = rep["block_tokens"]
+    block_bytes = rep["server"]["kv_bytes_per_token"] * bt
+    total = p["none"]["prefill_tokens"]["total"]
+    assert p["none"]["prefill_tokens"]["computed"] == total and sum(p["none"]["hits"].values()) == 0
+    for name, v in p.items():
+        assert v["prefill_tokens"]["total"] == total, name
+        moved = v["bytes_moved"]
+        for tier in ("device", "dram"):  # every hit is loaded into the engine, once, block by block
+            assert moved.get(f"{tier}->engine", 0) == v["hits"][tier] * block_bytes, (name, tier)
+        if name in ("device-lru", "tiered"):  # no partial tails: saved tokens are whole hit blocks
+            assert total - v["prefill_tokens"]["computed"] == sum(v["hits"].values()) * bt, name
+        assert v["prefill_tokens"]["computed"] < total or name == "none"
         assert v["dollars_per_task"] > 0 and v["tasks_per_hour"] > 0
     dec = p["trace-aware"]["trace_policy"]["decisions"]
     assert dec["dram"] + dec["nvme"] > 0 and dec["keep"] > 0

@@ -28,7 +28,7 @@ import numpy as np
 from kvtier import _core
 from kvtier import errors as kvtier_errors
 from kvtier.errors import InvalidArgumentError, OutOfCapacityError
-from kvtier.keys import hash_blocks
+from kvtier.keys import as_token_ids, hash_blocks
 from kvtier.layout import KVLayout
 from kvtier.memory import HostPool, KVRegistration, as_block_ids
 from kvtier.nvme import NvmeTier
@@ -176,7 +176,7 @@ class TieredCache:
     # ------------------------------------------------------------------ lookup
 
     def keys_for(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        return hash_blocks(np.asarray(tokens, dtype=np.int64), self.block_tokens, self.salt)
+        return hash_blocks(as_token_ids(tokens), self.block_tokens, self.salt)
 
     def match(self, tokens: Sequence[int] | np.ndarray, max_blocks: int | None = None) -> PrefixMatch:
         """Longest cached prefix of ``tokens`` (full blocks only), pinned until :meth:`release`."""

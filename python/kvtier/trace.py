@@ -57,6 +57,7 @@ import numpy as np
 
 from kvtier.cache import DEVICE, DRAM, NVME, PrefixMatch, TieredCache
 from kvtier.errors import InvalidArgumentError
+from kvtier.keys import as_token_ids
 from kvtier.memory import KVRegistration
 from kvtier.policy import Action, CostModel, Decision, GapEstimator, TierState, TraceAwarePolicy
 
@@ -235,7 +236,7 @@ class Trace:
             raise InvalidArgumentError(f"trace {self.id!r} is already running a step; call end_step first")
         now = self._mgr._now(now)
         cache, bt = self._mgr.cache, self._mgr.block_tokens
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = as_token_ids(tokens)  # integer ids only: floats are refused, not truncated
         if len(tokens) == 0:
             raise InvalidArgumentError("a step's context must hold at least one token")
         keys = cache.keys_for(tokens)  # checks the token ids: bad input changes nothing
@@ -291,7 +292,7 @@ class Trace:
             again = "its last step already ended; " if self._step_ended else ""
             raise InvalidArgumentError(
                 f"trace {self.id!r} is {self.state.value}, not running: {again}call begin_step first")
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = as_token_ids(tokens)  # integer ids only: floats are refused, not truncated
         if not 0 <= seq_len <= len(tokens):
             raise InvalidArgumentError(f"seq_len={seq_len} must be within [0, {len(tokens)}] (the tokens given)")
         cache, bt, idx = self._mgr.cache, self._mgr.block_tokens, self._mgr.cache.index
