@@ -335,6 +335,7 @@ class TieredCache:
             k, b = keys[sel][:room], blocks[sel][:room]
             if len(k) == 0:
                 return
+            at = max(at, self.moves.room_ready_at(dst, len(k), room, at))  # starts once its room exists
             m = self.moves.submit(k, src, b, dst, self.pools[dst].allocate(len(k)), at=at)
             if m is not None and dst > top:
                 m.then.append(lambda mv: self._move_up(mv.keys[mv.ok], dst, top, at=mv.done_at))
@@ -417,6 +418,7 @@ class TieredCache:
             raise OutOfCapacityError(
                 f"the {TIER_NAMES[tier]} tier has {max(0, self._free_blocks(tier, staging))} free blocks and the "
                 f"rest are pinned by running steps: {n} needed")
+        self.moves.charge_room(tier, n, self._free_blocks(tier, staging))  # room a move made exists once it lands
         return self.pools[tier].allocate(n)
 
     def _make_room(self, tier: int, n: int, wait: bool = True) -> tuple[int, list[Move]]:
@@ -467,7 +469,11 @@ class TieredCache:
         moved = min(found, room)
         out: list[Move] = []
         if moved:
-            dst = None if below == NVME else self.pools[below].allocate(moved)
+            dst = None
+            if below != NVME:
+                at = self.moves.at() if at is None else at
+                at = max(at, self.moves.room_ready_at(below, moved, self._free_blocks(below), at))
+                dst = self.pools[below].allocate(moved)
             m = self.moves.submit(keys[:moved], tier, blocks[:moved], below, dst, evicting=evicting, at=at)
             if m is None:
                 if evicting:

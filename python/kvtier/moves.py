@@ -146,6 +146,8 @@ class MoveQueue:
         self.blocked_until = float("-inf")
         self.waited_wall_s = 0.0
         self.stats: Counter = Counter()
+        # Per tier, (virtual time, blocks) freed by completed moves: room exists from then on.
+        self._freed: dict[int, list[tuple[float, int]]] = {DEVICE: [], DRAM: []}
 
     # ------------------------------------------------------------------ time
 
@@ -235,9 +237,10 @@ class MoveQueue:
         the caller is charged up to their virtual completion (``blocked_until``)."""
         for m in moves:
             if m in self.pending:
-                t0 = time.perf_counter()
-                _settle(m.handle)
-                self.waited_wall_s += time.perf_counter() - t0
+                if not m.handle.done():  # a real wait (a finished handle, or the simulator's, costs none)
+                    t0 = time.perf_counter()
+                    _settle(m.handle)
+                    self.waited_wall_s += time.perf_counter() - t0
                 if m in self.pending:
                     self.pending.remove(m)
                     self._complete(m)
@@ -306,6 +309,7 @@ class MoveQueue:
                 idx.relocate(k, m.dst, m.dst_blocks[ok])
             if m.src != NVME:
                 cache.pools[m.src].free(m.src_blocks[ok])
+                self._freed[m.src].append((m.done_at, int(ok.sum())))
             cache.metrics.record_transfer(_TIER[m.src], _TIER[m.dst], int(ok.sum()) * bb,
                                           float(getattr(m.handle, "latency_s", 0.0)))
         bad = ~ok & ~lost
@@ -345,6 +349,28 @@ class MoveQueue:
                 self._recent = [r for r in self._recent if r[2] > cut][-256:]
         for fn in m.then:
             fn(m)
+
+    def room_ready_at(self, tier: int, n: int, free: int, at: float | None = None) -> float:
+        """The virtual time from which ``n`` of the ``free`` blocks of ``tier`` exist: blocks that
+        moves freed count only from those moves' virtual completion (a step that takes them waits
+        until then, whichever policy's move freed them)."""
+        at = self.at() if at is None else at
+        freed = self._freed[tier]
+        if len(freed) > 64:
+            freed[:] = [f for f in freed if f[0] > at - 600.0]
+        future = sorted(f for f in freed if f[0] > at)
+        avail = free - sum(k for _, k in future)
+        if n <= avail:
+            return at
+        for done, k in future:
+            avail += k
+            if avail >= n:
+                return done
+        return future[-1][0] if future else at
+
+    def charge_room(self, tier: int, n: int, free: int) -> None:
+        """A step takes ``n`` blocks of ``tier``: it waits until they exist in virtual time."""
+        self.blocked_until = max(self.blocked_until, self.room_ready_at(tier, n, free))
 
     # ------------------------------------------------------------------ introspection
 
