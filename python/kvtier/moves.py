@@ -261,7 +261,7 @@ class MoveQueue:
             need = [m for m in self.pending if m.lane == lane and _hits(m.keys, hi)]
             for d in self._deferred:
                 if _hits(d.keys, hi):
-                    need.extend(d.waiting)
+                    need.extend(m for m in d.waiting if m in self.pending)
             if not need:
                 break
             self.wait(need[:1], charge=False)
