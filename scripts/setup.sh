@@ -10,6 +10,8 @@ cd "$KVTIER_ROOT"
 # and Python's venv/headers. Installed only when missing. redis-server: the cluster metadata store
 # (the tests start their own server on a free port; nothing runs as a service).
 apt_packages=(g++ make pkg-config liburing-dev libucx-dev ucx-utils libxxhash-dev redis-server)
+# fio: the NVMe tier's anchor in `kvtier bench nvme` (tests check the comparison with it present).
+apt_packages+=(fio)
 # python3-venv/-dev only when this python3 lacks venv or its headers (pyenv builds have both).
 python3 -c "import venv, os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
   2>/dev/null || apt_packages+=(python3-venv python3-dev)

@@ -505,6 +505,46 @@ def test_registration_keeps_its_tensors_alive_until_closed() -> None:
     assert all(r() is None for r in refs), "close() did not release the arrays"
 
 
+@pytest.mark.parametrize("change", ["resize_", "set_", "storage_resize", "view_base_resize_"])
+def test_transfer_after_a_registered_tensor_lost_its_memory_is_refused(change: str) -> None:
+    """Note [Registered storage]: after kv.resize_() (the storage's memory reallocated, the old
+    bytes freed), kv.set_() or a storage resize, a gather would read and a scatter write memory
+    the tensor no longer owns; both are refused with an error naming the cause, and a new
+    registration of the same tensor works."""
+    kv = [torch.randn(FLASH_SHAPE) for _ in range(2)]
+    base = None
+    if change == "view_base_resize_":  # a registration of views into a bigger buffer
+        base = torch.randn((2, *FLASH_SHAPE))
+        kv = [base[0], base[1]]
+        reg = kvtier.register_kv_views(kv, LAYOUT, [0, 0])
+    else:
+        reg = kvtier.register_kv(kv, LAYOUT)
+    pool = kvtier.HostPool(LAYOUT, num_blocks=2)
+    slots = pool.allocate(2)
+    engine = kvtier.CopyEngine(threads=1)
+    engine.gather(reg, [1, 2], pool, slots).wait(timeout=30)  # fine before the change
+    if change == "resize_":
+        kv[0].resize_(64, *FLASH_SHAPE[1:])  # a bigger storage: reallocated, the old memory freed
+    elif change == "set_":
+        kv[1].set_(torch.zeros(FLASH_SHAPE))
+    elif change == "storage_resize":
+        kv[0].untyped_storage().resize_(0)
+    else:
+        base.resize_(64, *FLASH_SHAPE)
+    with pytest.raises(InvalidArgumentError, match="resized or given new storage.*register it again"):
+        engine.gather(reg, [1, 2], pool, slots)
+    with pytest.raises(InvalidArgumentError, match="resized or given new storage"):
+        engine.scatter(pool, slots, reg, [1, 2])
+    assert engine.stats()["submitted"] == 1  # nothing reached the engine
+    reg.close()
+    if change != "storage_resize":
+        fresh = [t[:FLASH_SHAPE[0]] for t in (base[:2] if base is not None else kv)]
+        again = kvtier.register_kv([t.contiguous() if not t.is_contiguous() else t for t in fresh], LAYOUT)
+        engine.gather(again, [1, 2], pool, slots).wait(timeout=30)
+        again.close()
+    engine.close()
+
+
 def test_pinned_block_freed_while_a_transfer_holds_it_does_not_leak() -> None:
     engine = kvtier.CopyEngine(threads=1)
     for n in (128, 256, 512):
@@ -542,3 +582,30 @@ def test_pinned_block_freed_while_a_transfer_holds_it_does_not_leak() -> None:
     else:
         pytest.fail("could not pin and free a block while a transfer held it")
     engine.close()
+
+
+@pytest.mark.parametrize("bad", [np.array([1.0, 2.0, 3.0, 4.0, 5.0]), [1, 2, 3.7, 4, 5],
+                                 torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([True] * 5)])
+def test_float_token_ids_are_refused_not_truncated(bad) -> None:
+    """TieredCache.match/store and Trace.begin_step/end_step take integer ids only: 3.7 must not
+    silently become 3 (a different context, hashed as if it were the caller's)."""
+    layout = kvtier.KVLayout(num_layers=1, kv_heads=1, head_dim=4, block_tokens=2, dtype="float32")
+    cache = kvtier.TieredCache(layout, "salt", device_bytes=8 * layout.block_bytes)
+    with pytest.raises(InvalidArgumentError, match="token ids must be integers"):
+        cache.match(bad)
+    with pytest.raises(InvalidArgumentError, match="token ids must be integers"):
+        cache.keys_for(bad)
+    mgr = kvtier.TraceManager(cache, kvtier.CostModel(layout.block_bytes, 2, {}, 1e-3))
+    tr = mgr.open("t")
+    with pytest.raises(InvalidArgumentError, match="token ids must be integers"):
+        tr.begin_step(bad, now=0.0)
+    assert tr.state is kvtier.TraceState.READY  # refused: nothing changed
+    plan = tr.begin_step([1, 2, 3, 4, 5], now=0.0)  # integer ids of any integer dtype are fine
+    kv = torch.zeros(8, 1, 2, 2, 1, 4)  # blocks_first: [N, layers, 2, T, H, D]
+    reg = kvtier.register_kv(kv, layout, "blocks_first")
+    with pytest.raises(InvalidArgumentError, match="token ids must be integers"):
+        tr.end_step(bad, reg, 5, now=0.0)
+    assert tr.end_step(np.array([1, 2, 3, 4, 5], dtype=np.int32), reg, 5, now=0.0) == 3
+    assert cache.match(torch.tensor([1, 2, 3, 4, 5])).hit_blocks == 2 and plan.hit_tokens == 0
+    mgr.close()
+    reg.close()

@@ -30,8 +30,24 @@ def test_build_info_keys_and_types() -> None:
             assert info[f"{feature}_why"], f"{feature} is not compiled in and build_info() says not why"
 
 
-def test_build_info_is_stable() -> None:
-    assert _core.build_info() == _core.build_info()
+def test_build_info_matches_this_build_and_machine() -> None:
+    """build_info() tells the truth: what it says was compiled in is what the module offers, and
+    what it says about the machine is what the OS says."""
+    import os
+    import platform
+
+    info = _core.build_info()
+    assert info["build_type"] == "release"  # pyproject.toml: cmake.build-type = "Release"
+    assert info["io_uring"] == bool(getattr(_core, "HAVE_NVME", False))
+    assert info["gds"] == bool(getattr(_core, "HAVE_GDS", False))
+    assert info["hardware_threads"] == os.cpu_count()
+    flags: set[str] = set()
+    if platform.machine() == "x86_64" and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln for ln in f if ln.startswith("flags")), "flags:").split(":", 1)[1].split())
+        # chosen at load time from the CPU's features: the widest streaming store it has
+        expected = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "memcpy"
+        assert info["nontemporal_copy"] == expected, flags & {"avx512f", "avx2"}
 
 
 @pytest.mark.parametrize("name,build_key", [("probe_uring", "io_uring"), ("probe_ucx", "ucx")])

@@ -160,10 +160,14 @@ def test_simulator_checks_against_a_real_replay(model_dir: Path, tmp_path: Path)
     check = sim.check_against_replay(str(out), json_path=str(tmp_path / "c.json"), progress=False)
     fig = check["figures"]
     assert set(fig) == {"none", "device-lru", "tiered", "trace-aware"}
-    # with no reuse the prefill is the whole context in both; the time model is in the right range
+    # With no reuse the prefill is the whole context in both. The LRU policies place by the same
+    # code in both, in (nearly) the same order, so their recomputed prefill agrees closely; the
+    # time model lands within 25% of the measured JCT (a 4x window could not fail).
     assert fig["none"]["prefill_computed"]["sim"] == fig["none"]["prefill_computed"]["real"]
+    for p in ("device-lru", "tiered"):
+        assert fig[p]["prefill_computed"]["sim/real"] == pytest.approx(1.0, rel=0.05), (p, fig[p])
     for p in fig:
-        assert 0.5 < fig[p]["jct_p50_s"]["sim/real"] < 2.0
+        assert 0.8 < fig[p]["jct_p50_s"]["sim/real"] < 1.25, (p, fig[p])
     assert check["server"]["serial_decode"] and check["server"]["prefill_tokens_per_s"] > 0
     with pytest.raises(kvtier.InvalidArgumentError, match="no calibration"):
         sim.server_like_replay({"policies": {"tiered": {}}})

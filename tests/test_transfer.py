@@ -440,6 +440,38 @@ def test_timeout_is_reported_for_a_pending_transfer() -> None:
     engine.close()
 
 
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300, 1e18, 2.0**63])
+def test_wait_without_a_usable_deadline_waits_until_done(timeout: float) -> None:
+    """Note [Wait timeouts] in csrc/transfer/transfer.cc: inf and timeouts too long to be a
+    deadline wait as long as it takes, on a transfer still pending when the wait starts (they
+    used to overflow the deadline and time out at once)."""
+    engine = kvtier.CopyEngine(threads=1)
+    for n in (64, 256, 512):
+        src, reg, pool, slots = _pending_setup(n=n)
+        h = engine.gather(reg, np.arange(n), pool, slots)
+        if h.done():
+            continue
+        h.wait(timeout=timeout)
+        assert h.done() and h.exception() is None
+        assert np.array_equal(pool.view()[slots[n - 1]], block_bytes_of(src, "vllm_flash", n - 1))
+        break
+    else:
+        pytest.fail("could not catch a transfer pending, even at 256 MiB")
+    engine.close()
+
+
+def test_wait_rejects_nan_and_non_numbers(engine) -> None:
+    pool = kvtier.HostPool(64, num_blocks=2)
+    a = pool.allocate(2)
+    h = engine.transfer(pool, a[:1], pool, a[1:])
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(kvtier.InvalidArgumentError, match="timeout"):
+            h.wait(timeout=bad)
+    with pytest.raises(kvtier.InvalidArgumentError, match="nan"):  # the binding refuses it too
+        h._core.wait(float("nan"))
+    h.wait(timeout=float("inf"))
+
+
 def test_wait_rejects_a_negative_timeout(engine) -> None:
     pool = kvtier.HostPool(64, num_blocks=2)
     a = pool.allocate(2)

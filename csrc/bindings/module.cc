@@ -9,6 +9,7 @@
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/unique_ptr.h>
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <span>
@@ -214,6 +215,7 @@ NB_MODULE(_core, m) {
       .def(
           "wait",
           [](const TransferState& s, double timeout_s) {
+            if (std::isnan(timeout_s)) ThrowIfError(InvalidArgument("timeout must be a number of seconds, got nan"));
             nb::gil_scoped_release nogil;
             return s.Wait(timeout_s);
           },
@@ -318,6 +320,15 @@ NB_MODULE(_core, m) {
         return TimedParallelMemcpy(dst.data(), src.data(), src.shape(0), threads);
       },
       "dst"_a, "src"_a, "threads"_a = 1, "Seconds for a plain memcpy of src into dst over `threads` threads.");
+  m.def(
+      "timed_stream_copy",
+      [](ByteArray dst, ByteArray src, int threads) {
+        if (dst.shape(0) != src.shape(0)) ThrowIfError(InvalidArgument("timed_stream_copy: buffers differ in size"));
+        nb::gil_scoped_release nogil;
+        return TimedParallelStreamCopy(dst.data(), src.data(), src.shape(0), threads);
+      },
+      "dst"_a, "src"_a, "threads"_a = 1,
+      "Seconds for a copy of src into dst with streaming (non-temporal) stores over `threads` threads.");
 
   BindNvme(m);
   BindGds(m);

@@ -24,14 +24,24 @@ std::vector<CopyPiece> PlanBlockCopy(const std::vector<Segment>& src, const std:
 TransferState::TransferState(uint64_t num_blocks, uint64_t bytes)
     : num_blocks_(num_blocks), bytes_(bytes), submitted_(std::chrono::steady_clock::now()) {}
 
+// Note [Wait timeouts]: a timeout is a double of seconds from Python, where float('inf') and
+// 1e300 mean "as long as it takes". Converting such a value to a steady_clock duration overflows
+// (the deadline lands in the past and wait_for returns at once with a timeout), so anything past
+// kForeverS waits without a deadline. NaN is refused by the binding before it gets here; should
+// one arrive anyway it waits forever too (every comparison with NaN is false), never returning
+// a spurious timeout.
 bool TransferState::Wait(double timeout_s) const {
+  constexpr double kForeverS = 1e9;  // about 31 years: past any steady_clock overflow risk
   if (done()) return true;
   std::unique_lock<std::mutex> lock(mu_);
-  if (timeout_s < 0) {
+  if (timeout_s < 0 || !(timeout_s <= kForeverS)) {
     cv_.wait(lock, [&] { return done(); });
     return true;
   }
-  return cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return done(); });
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout_s));
+  return cv_.wait_until(lock, deadline, [&] { return done(); });
 }
 
 Status TransferState::status() const {

@@ -33,6 +33,7 @@ from kvtier.trace import Trace, TraceManager, TraceState
 from kvtier.nvme import NvmeTier
 from kvtier.staging import kv_to_nvme, nvme_to_kv
 from kvtier.transfer import CopyEngine, TransferHandle, default_engine
+from kvtier import metrics, trace, workload  # noqa: F401  (docs/api.md names kvtier.metrics, .trace, .workload)
 
 __all__ = [
     "LAYOUT_KINDS",

@@ -12,7 +12,10 @@ Tiers, fastest first:
   nvme    a :class:`~kvtier.NvmeTier` on a directory.
 
 A tier that declines a block (full) demotes its least recently used unpinned blocks to the next
-tier (copy, then release); the last tier drops them (they will be recomputed).
+tier (copy, then release); the last tier drops them (they will be recomputed). Every move between
+tiers, whichever policy asks for it, goes through ``cache.moves`` (a :class:`~kvtier.moves.MoveQueue`):
+submitted to the copy engine or the NVMe tier, completed on its handle, and timed the same way
+(Note [Background moves] in kvtier/trace.py).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import numpy as np
 from kvtier import _core
 from kvtier import errors as kvtier_errors
 from kvtier.errors import InvalidArgumentError, OutOfCapacityError
-from kvtier.keys import hash_blocks
+from kvtier.keys import as_token_ids, hash_blocks
 from kvtier.layout import KVLayout
 from kvtier.memory import HostPool, KVRegistration, as_block_ids
+from kvtier.moves import Move, MoveQueue
 from kvtier.nvme import NvmeTier
 from kvtier.nvme import as_block_keys as _as_keys
 from kvtier.transfer import CopyEngine, TransferHandle
@@ -172,11 +176,12 @@ class TieredCache:
         # Keys owned by at least this many traces are evicted after all others (0: plain LRU).
         # kvtier.trace sets it to 2 so that prefixes shared by several traces stay hot.
         self.shared_refs = 0
+        self.moves = MoveQueue(self)  # every move between tiers (Note [Background moves] in kvtier/trace.py)
 
     # ------------------------------------------------------------------ lookup
 
     def keys_for(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        return hash_blocks(np.asarray(tokens, dtype=np.int64), self.block_tokens, self.salt)
+        return hash_blocks(as_token_ids(tokens), self.block_tokens, self.salt)
 
     def match(self, tokens: Sequence[int] | np.ndarray, max_blocks: int | None = None) -> PrefixMatch:
         """Longest cached prefix of ``tokens`` (full blocks only), pinned until :meth:`release`."""
@@ -188,6 +193,7 @@ class TieredCache:
         The keys need not all be content keys: a trace appends the private key of its partial
         tail block (``kvtier.trace``)."""
         keys = _as_keys(keys)
+        self.moves.poll()
         probe = keys if max_blocks is None else keys[:max_blocks]
         n, tiers, _ = self.index.match_prefix(probe)
         if n:
@@ -226,6 +232,10 @@ class TieredCache:
         if n == 0:
             return LoadHandle([], 0)
         t0 = time.perf_counter()
+        self.moves.poll()
+        on_nvme_now = self.locate(match.keys[:n])[0] == NVME
+        if on_nvme_now.any():  # a restore of these blocks from NVMe in flight: it lands first
+            self.moves.wait_keys(match.keys[:n][on_nvme_now])
         _, tiers, blocks = self.index.match_prefix(match.keys[:n])
         tiers, blocks = tiers[:n].copy(), blocks[:n].copy()
         on_nvme = np.flatnonzero(tiers == NVME)
@@ -249,12 +259,15 @@ class TieredCache:
 
         handle = LoadHandle(chunks, n, record)
         self.metrics.prefill_tokens_saved += n * self.block_tokens
-        # Promotion reads the same DRAM blocks the load is reading; the copy engine's leases keep
-        # each block alive until every transfer that reads it is done.
+        # Promotion (a background move) reads the same DRAM blocks the load is reading; the copy
+        # engine's leases keep each block alive until every transfer that reads it is done.
         promote = tiers
         if promote_min_refs > 0:  # a trace policy places private blocks itself: promote shared ones only
             promote = np.where(self.index.refs(match.keys[:n]) >= promote_min_refs, tiers, 255)
-        self._promote_dram(match.keys[:n], promote, blocks)
+        up = match.keys[:n][promote == DRAM]
+        up = up[~self.moves.moving(up)]
+        if len(up):
+            self._move_up(up, DRAM, DEVICE)
         return handle
 
     def _load_from_nvme(self, match: PrefixMatch, on_nvme: np.ndarray, dst: KVRegistration,
@@ -304,23 +317,35 @@ class TieredCache:
             match.hit_blocks = match.pinned = usable
         return usable
 
-    def _promote_dram(self, keys: np.ndarray, tiers: np.ndarray, blocks: np.ndarray) -> None:
-        """Move DRAM hits up to the device tier, head first, as far as unpinned room allows."""
-        pos = np.flatnonzero(tiers == DRAM)
-        if len(pos) == 0:
+    def _move_up(self, keys: np.ndarray, src: int, top: int, at: float | None = None) -> None:
+        """In the background: move ``keys`` (cached at tier ``src``, not moving) one tier up, and on
+        to ``top``, head first, as far as room can be made without evicting pinned blocks. Room is
+        made by background demotions; the keys stay pinned until it is there."""
+        dst = src - 1
+        if len(keys) == 0 or dst < top:
             return
-        dev = self.pools[DEVICE]
-        _, _, evictable = self.index.victims(DEVICE, len(pos), self.shared_refs)
-        room = min(len(pos), dev.free_blocks + evictable)
-        if room == 0:
+        keys = keys[self.index.locate(keys)[0] == src]
+        if len(keys) == 0:
             return
-        pos = pos[:room]
-        dev_ids = self._allocate(DEVICE, room)
-        h = self.engine.transfer(self.pools[DRAM], blocks[pos], dev, dev_ids)
-        h.wait()
-        self.metrics.record_transfer("dram", "device", h.bytes, h.latency_s)
-        self.index.relocate(keys[pos], DEVICE, dev_ids)
-        self.pools[DRAM].free(blocks[pos])
+
+        def go(at: float) -> None:
+            where, blocks, _ = self.index.locate(keys)
+            sel = (where == src) & ~self.moves.moving(keys)
+            room = max(0, self._free_blocks(dst))
+            k, b = keys[sel][:room], blocks[sel][:room]
+            if len(k) == 0:
+                return
+            at = max(at, self.moves.room_ready_at(dst, len(k), room, at))  # starts once its room exists
+            m = self.moves.submit(k, src, b, dst, self.pools[dst].allocate(len(k)), at=at)
+            if m is not None and dst > top:
+                m.then.append(lambda mv: self._move_up(mv.keys[mv.ok], dst, top, at=mv.done_at))
+
+        self.index.pin(keys)  # making room below must not push these out
+        try:
+            _, making = self._make_room(dst, len(keys), wait=False)
+            self.moves.after(making, keys, go, at=at)
+        finally:
+            self.index.unpin(keys)
 
     # ------------------------------------------------------------------ store
 
@@ -337,6 +362,7 @@ class TieredCache:
         """Cache ``src`` blocks ``src_blocks[i]`` under ``keys[i]`` (extra keys or blocks are
         ignored; keys already cached are skipped). Returns how many blocks were stored."""
         keys = _as_keys(keys)
+        self.moves.poll()
         ids = as_block_ids(src_blocks, "source blocks")
         if len(ids) < len(keys):
             keys = keys[: len(ids)]
@@ -383,18 +409,24 @@ class TieredCache:
         """``n`` blocks of ``tier``, demoting its LRU blocks to make room; OutOfCapacityError when
         the tier is too full of pinned blocks (the caller then declines to cache)."""
         short = n - self._free_blocks(tier, staging)
+        if short > 0 and self.moves.leaving(tier):
+            self.moves.wait(self.moves.leaving(tier))  # background demotions already freeing room
+            short = n - self._free_blocks(tier, staging)
         if short > 0:
-            self._demote(tier, short)
+            self._demote(tier, short, wait=True)
         if self._free_blocks(tier, staging) < n:
             raise OutOfCapacityError(
                 f"the {TIER_NAMES[tier]} tier has {max(0, self._free_blocks(tier, staging))} free blocks and the "
                 f"rest are pinned by running steps: {n} needed")
+        self.moves.charge_room(tier, n, self._free_blocks(tier, staging))  # room a move made exists once it lands
         return self.pools[tier].allocate(n)
 
-    def _make_room(self, tier: int, n: int) -> int:
-        """Try to have ``n`` free blocks in ``tier``; returns how many are free (may be fewer)."""
+    def _make_room(self, tier: int, n: int, wait: bool = True) -> tuple[int, list[Move]]:
+        """Try to have ``n`` free blocks in ``tier`` by demoting its LRU blocks. With ``wait`` the
+        demotions (and any already leaving the tier) complete first and the free count is final;
+        without, they run in the background: returns (free now, the moves that will free more)."""
         if tier > NVME or (tier == DRAM and self.pools[DRAM] is None) or (tier == NVME and self.nvme is None):
-            return 0
+            return 0, []
         if tier == NVME:
             free = self.tier_free_blocks(NVME)
             if free < n:
@@ -403,64 +435,85 @@ class TieredCache:
                 self.index.remove(keys)
                 self.metrics.dropped_blocks += found
                 free += found
-            return free
-        short = n - self._free_blocks(tier)
-        if short > 0:
-            self._demote(tier, short)
-        return max(0, self._free_blocks(tier))
+            return free, []
+        leaving = self.moves.leaving(tier)
+        if wait:
+            if leaving and self._free_blocks(tier) < n:
+                self.moves.wait(leaving)  # background demotions already freeing room: a step needs it now
+            short = n - self._free_blocks(tier)
+            if short > 0:
+                self._demote(tier, short, wait=True)
+            return max(0, self._free_blocks(tier)), []
+        short = n - self._free_blocks(tier) - sum(len(m.keys) for m in leaving)
+        new = self._demote(tier, short, wait=False) if short > 0 else []
+        return max(0, self._free_blocks(tier)), leaving + new
 
-    def _demote(self, tier: int, n: int) -> int:
+    def _demote(self, tier: int, n: int, wait: bool = True) -> list[Move]:
         """Free up to ``n`` blocks of ``tier`` by moving its LRU unpinned blocks one tier down;
         what the tier below cannot take is dropped (recomputed later). Copy, then release."""
         keys, blocks, found = self.index.victims(tier, n, self.shared_refs)
         if found == 0:
-            return 0
-        self._move_down(keys[:found], blocks[:found], tier)
-        return found
+            return []
+        return self._move_down(keys[:found], blocks[:found], tier, evicting=True, wait=wait)
 
-    def _move_down(self, keys: np.ndarray, blocks: np.ndarray, tier: int) -> int:
-        """Move unpinned ``keys`` (held in ``blocks`` of ``tier``) one tier down, as many as the
-        tier below has room for, and drop the rest; frees ``blocks``. Returns how many moved."""
+    def _move_down(self, keys: np.ndarray, blocks: np.ndarray, tier: int, *, evicting: bool, wait: bool,
+                   to: int | None = None, at: float | None = None) -> list[Move]:
+        """Move unpinned ``keys`` (held in ``blocks`` of ``tier``) one tier down (and on to ``to``,
+        in the background), as many as the tier below has room for. The rest: ``evicting`` (they
+        must go to free room) drops them unless room below is on its way (then they follow it);
+        otherwise they stay. With ``wait`` the move completes before returning. Returns the moves."""
+        to = tier + 1 if to is None else to
+        below = tier + 1
         found = len(keys)
-        room = self._make_room(tier + 1, found)
+        room, making = self._make_room(below, found, wait=wait)
         moved = min(found, room)
+        out: list[Move] = []
         if moved:
-            mk, mb = keys[:moved], blocks[:moved]
-            if tier == DEVICE:
-                dst = self.pools[DRAM].allocate(moved)
-                h = self.engine.transfer(self.pools[DEVICE], mb, self.pools[DRAM], dst)
-                h.wait()
-                self.metrics.record_transfer("device", "dram", h.bytes, h.latency_s)
-                self.index.relocate(mk, DRAM, dst)
+            dst = None
+            if below != NVME:
+                at = self.moves.at() if at is None else at
+                at = max(at, self.moves.room_ready_at(below, moved, self._free_blocks(below), at))
+                dst = self.pools[below].allocate(moved)
+            m = self.moves.submit(keys[:moved], tier, blocks[:moved], below, dst, evicting=evicting, at=at)
+            if m is None:
+                if evicting:
+                    moved = 0  # not even submitted (a full or failing disk): dropped below
             else:
-                h = self.nvme.write(mk, mb)
-                try:
-                    h.wait()
-                    self.metrics.record_transfer("dram", "nvme", h.bytes, h.latency_s)
-                    self.index.relocate(mk, NVME, np.zeros(moved, dtype=np.int32))
-                except kvtier_errors.KvtierError:
-                    # A full or failing disk degrades the cache, never the outputs: drop them.
-                    ok = h.block_ok if h.block_ok is not None else np.zeros(moved, dtype=bool)
-                    self.index.relocate(mk[ok], NVME, np.zeros(int(ok.sum()), dtype=np.int32))
-                    self.index.remove(mk[~ok])
-                    self.metrics.dropped_blocks += int((~ok).sum())
-                    self.metrics.nvme_write_errors += 1
-                    moved = int(ok.sum())
-        if min(found, room) < found:
-            self.index.remove(keys[min(found, room):])
-            self.metrics.dropped_blocks += found - min(found, room)
-        self.pools[tier].free(blocks)
-        return moved
+                if to > below:
+                    m.then.append(lambda mv: self._demote_now(mv.keys[mv.ok], below, to, mv.done_at))
+                out.append(m)
+        rest_k, rest_b = keys[moved:], blocks[moved:]
+        if len(rest_k):
+            if making and not wait:  # room below is being made: they follow once it is there
+                self.moves.after(making, rest_k, lambda at2: self._demote_now(rest_k, tier, to, at2, evicting))
+            elif evicting:  # nothing below can take them: dropped (recomputed later)
+                self.index.remove(rest_k)
+                self.pools[tier].free(rest_b)
+                self.metrics.dropped_blocks += len(rest_k)
+        if wait:
+            self.moves.wait(out)
+        return out
+
+    def _demote_now(self, keys: np.ndarray, src: int, to: int, at: float, evicting: bool = False) -> None:
+        """Background continuation: move those of ``keys`` still at ``src`` and unpinned down to ``to``."""
+        if len(keys) == 0 or src >= to:
+            return
+        where, blocks, pins = self.index.locate(keys)
+        sel = (where == src) & (pins == 0)
+        if sel.any():
+            self._move_down(keys[sel], blocks[sel], src, evicting=evicting, wait=False, to=to, at=at)
 
     # ------------------------------------------------------------------ explicit placement (trace policies)
 
-    def make_room(self, tier: int, n: int) -> int:
+    def make_room(self, tier: int, n: int, wait: bool = True) -> int:
         """Demote LRU blocks (copy, then release) until ``tier`` has ``n`` free blocks, as far as
-        unpinned blocks allow; returns how many are free. A trace policy calls this in the
-        background so that the next step's store finds room without waiting on a demotion."""
+        unpinned blocks allow; returns how many are free. A trace policy calls this with
+        ``wait=False`` (the demotions run in the background; the count is what is free now) so
+        that the next step's store finds room without waiting on a demotion."""
         if not self.has_tier(tier):
             raise InvalidArgumentError(f"this cache has no tier {tier}")
-        return self._make_room(tier, n)
+        self.moves.poll()
+        return self._make_room(tier, n, wait=wait)[0]
 
     def locate(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
         """(tier, pins) of each key without touching LRU order; tier is 255 where not cached."""
@@ -488,76 +541,53 @@ class TieredCache:
             return int(st["num_slots"] - st["used_slots"])
         return max(0, self._free_blocks(tier))
 
-    def demote_keys(self, keys: Any, tier: int) -> int:
+    def demote_keys(self, keys: Any, tier: int, wait: bool = True) -> int:
         """Move the cached, unpinned ``keys`` that sit above ``tier`` down to ``tier`` (DRAM or
-        NVMe), copy then release, making room there by LRU demotion. Keys that the tiers below
-        cannot take are dropped. Returns how many keys now sit at ``tier`` or below."""
+        NVMe), copy then release, making room there by LRU demotion. With ``wait`` (the default)
+        the moves complete before returning, and keys the tiers below cannot take are dropped;
+        returns how many keys now sit at ``tier`` or below. With ``wait=False`` the moves run in the
+        background (Note [Background moves] in kvtier/trace.py), a failed one leaves the block
+        where it was, and the return value counts the keys at or below ``tier`` or on their way."""
         if tier not in (DRAM, NVME) or not self.has_tier(tier):
             raise InvalidArgumentError(f"cannot demote to tier {tier}: this cache has no such tier")
         keys = _as_keys(keys)
+        self.moves.poll()
         for src in range(tier):
             where, blocks, pins = self.index.locate(keys)
             sel = (where == src) & (pins == 0)
             if sel.any():
-                self._move_down(keys[sel], blocks[sel], src)
+                self._move_down(keys[sel], blocks[sel], src, evicting=wait, wait=wait, to=tier)
         where, _, _ = self.index.locate(keys)
-        return int(((where >= tier) & (where != 255)).sum())
+        below = (where >= tier) & (where != 255)
+        if not wait:
+            below |= self.moves.moving(keys) & (where != 255)
+        return int(below.sum())
 
-    def promote_keys(self, keys: Any, tier: int = DEVICE) -> int:
+    def promote_keys(self, keys: Any, tier: int = DEVICE, wait: bool = True) -> int:
         """Bring cached ``keys`` up to ``tier`` (a prefetch), head first, as far as room can be
         made without evicting pinned blocks; the keys are pinned meanwhile so that making room
         never demotes them. NVMe blocks are read into DRAM, then copied up. A block that fails its
-        checksum is removed (a miss). Returns how many keys sit at ``tier`` afterwards."""
+        checksum is removed (a miss). With ``wait`` (the default) returns how many keys sit at
+        ``tier`` afterwards; with ``wait=False`` the moves run in the background and it returns
+        how many are there or on their way."""
         keys = _as_keys(keys)
+        self.moves.poll()
         where, _, _ = self.index.locate(keys)
-        present, where = keys[where != 255], where[where != 255]
-        if len(present) == 0:
-            return 0
-        self.index.pin(present)
-        pinned = np.ones(len(present), dtype=bool)  # lost keys drop their pin as they are forgotten
+        free = ~self.moves.moving(keys)
+        held = keys[where != 255]
+        self.index.pin(held)  # making room for one part must not push out another
         try:
-            if tier < NVME and (where == NVME).any():
-                on_nvme = np.flatnonzero(where == NVME)
-                lost = np.zeros(len(on_nvme), dtype=bool)
-                try:
-                    self._nvme_to_dram(present[on_nvme], lost)
-                finally:
-                    pinned[on_nvme[lost]] = False
-            if tier == DEVICE:  # where the NVMe reads left them
-                where, blocks, _ = self.index.locate(present)
-                self._promote_dram(present, where, blocks)
+            for src in (NVME, DRAM):
+                if src > tier:
+                    self._move_up(keys[(where == src) & free], src, tier)
         finally:
-            self.index.unpin(present[pinned])
+            self.index.unpin(held)
+        if wait:
+            self.moves.wait_keys(keys)
+            where, _, _ = self.index.locate(keys)
+            return int((where == tier).sum())
         where, _, _ = self.index.locate(keys)
-        return int((where == tier).sum())
-
-    def _nvme_to_dram(self, keys: np.ndarray, lost: np.ndarray) -> int:
-        """Read NVMe ``keys`` (pinned by the caller) into DRAM blocks (in staging-sized chunks);
-        corrupt, missing or unreadable blocks are forgotten, their pin dropped and ``lost[i]`` set.
-        Returns how many arrived."""
-        arrived = 0
-        step = max(1, self.staging_reserve)
-        for start in range(0, len(keys), step):
-            k = keys[start:start + step]
-            free = self._make_room(DRAM, len(k))
-            if free <= 0:
-                break
-            k = k[:free]
-            ids = self.pools[DRAM].allocate(len(k))
-            h = self.nvme.read(k, ids)
-            h.wait()
-            ok = h.block_ok
-            self.metrics.record_transfer("nvme", "dram", int(ok.sum()) * self.layout.block_bytes, h.latency_s)
-            if not ok.all():
-                self.metrics.misses += int((~ok).sum())
-                self._forget_lost(k[~ok])
-                lost[start:start + len(k)] |= ~ok
-            if ok.any():
-                self.nvme.evict(k[ok])
-                self.index.relocate(k[ok], DRAM, ids[ok])
-            self.pools[DRAM].free(ids[~ok])
-            arrived += int(ok.sum())
-        return arrived
+        return int(((where == tier) | (self.moves.moving(keys) & (where != 255))).sum())
 
     def _forget_lost(self, keys: np.ndarray) -> None:
         """NVMe ``keys`` that failed to read (missing, corrupt, I/O error), pinned once by the caller:
@@ -571,7 +601,13 @@ class TieredCache:
     def drop_keys(self, keys: Any) -> int:
         """Remove cached, unpinned ``keys`` from every tier (they will be recomputed); returns how many."""
         keys = _as_keys(keys)
+        self.moves.poll()
         where, blocks, pins = self.index.locate(keys)
+        moving = self.moves.moving(keys) & (where != 255)
+        if moving.any():  # in flight: dropped once the move lands (it holds the blocks meanwhile)
+            k = keys[moving]
+            self.moves.after(self.moves.touching(k), np.zeros((0, 2), dtype=np.uint64),
+                             lambda at: self.drop_keys(k) and None)
         sel = (where != 255) & (pins == 0)
         if not sel.any():
             return 0
@@ -590,5 +626,6 @@ class TieredCache:
         return {TIER_NAMES[t]: self.index.count(t) for t in range(3)}
 
     def close(self) -> None:
+        self.moves.drain()
         if self.nvme is not None:
             self.nvme.close()

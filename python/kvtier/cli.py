@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--nvme-budget", type=_size, default=None, help="NVMe tier size (default: 2x the workload's KV)")
     rp.add_argument("--traces", type=_positive_int, default=8, help="traces in the generated workload")
     rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
-    rp.add_argument("--write-workload", metavar="PATH", help="write the generated workload as JSONL and exit")
+    rp.add_argument("--write-workload", metavar="PATH", help="write the generated workload as JSONL (real gaps, before --gap-scale) and exit")
     rp.add_argument("--compute-time", choices=("measured", "calibrated"), default="calibrated",
                     help="a step's model compute: its tokens at the model's measured per-token speed "
                          "(default: less noise), or its wall time; cache work is wall time either way")
@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                     from transformers import AutoConfig
 
                     vocab = int(AutoConfig.from_pretrained(args.model, local_files_only=True).vocab_size)
-                wl.dump(replay.load_workload(None, vocab, args.seed, args.traces, args.gap_scale), args.write_workload)
-                print(f"wrote {args.write_workload}")
+                # The file holds the real (unscaled) gaps: a replay of it applies --gap-scale once.
+                wl.dump(replay.load_workload(None, vocab, args.seed, args.traces, 1.0), args.write_workload)
+                print(f"wrote {args.write_workload} (real gaps; a replay scales them by --gap-scale)")
                 return 0
             replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
                        plot_path=args.plot, device_budget=args.device_budget, dram_budget=args.dram_budget,

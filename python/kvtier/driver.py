@@ -9,11 +9,13 @@ Time model (Note [Virtual time]): a server has one prefill resource, which runs 
 lookup, KV load, prefill and store at a time; decode then proceeds in parallel with other steps
 (continuous batching; the real replay decodes inside the step, so its decode time is part of the
 step). Tool-call gaps and arrivals are virtual. A trace's JCT runs from its arrival to the end of
-its last step, queueing included. Moves the trace-aware policy makes in the background (demotion
-at a tool start, prefetch) are timed on the cache's copy lane (:class:`kvtier.trace.BackgroundLane`),
-not on the server's prefill resource, because on a GPU server they run on the copy engines and the
-NVMe queues beside compute; a resume whose restore is still on the lane waits for it or
-recomputes the late part.
+its last step, queueing included. Every policy's moves between tiers (LRU demotion and promotion,
+NVMe writes, the trace-aware policy's demotions and restores) run on the cache's move queue and are
+timed by one rule (Note [Background moves] in kvtier/trace.py): on the copy lanes, not on the
+server's prefill resource, because on a GPU server they run on the copy engines and the NVMe queues
+beside compute. A step is charged the virtual time it waits for a move it needs (a store waiting
+for room, under any policy), never the move's wall time; a resume whose restore is still on the
+lane waits for it or recomputes the late part.
 
 Note [Short waits keep the server]: a step whose restore is late by less than a typical step's
 service time (the median so far) keeps the server and waits: the server idles for the lateness,
@@ -100,7 +102,7 @@ class PolicyRunner:
         if policy == "trace-aware":
             if cost is None:
                 raise InvalidArgumentError("the trace-aware policy needs a cost model")
-            self.traces = TraceManager(self.cache, cost, policy=trace_policy, lane=lane or BackgroundLane())
+            self.traces = TraceManager(self.cache, cost, policy=trace_policy, lane=lane)
         self.block_tokens = self.cache.block_tokens if self.cache is not None else 16
 
     # trace hooks: no-ops for the policies that do not know about traces
@@ -132,6 +134,9 @@ class PolicyRunner:
 
     def run_step(self, tid: str, k: int, ctx: np.ndarray, generate: int, now: float) -> StepResult:
         ex, cache, bt = self.ex, self.cache, self.block_tokens
+        moves = cache.moves if cache is not None else None
+        if moves is not None:  # Note [Background moves]: moves issued by this step start at `now`
+            moves.now, moves.blocked_until, waited0 = now, float("-inf"), moves.waited_wall_s
         t0 = ex.stopwatch()
         ex.reset()
         hit = 0
@@ -162,7 +167,10 @@ class PolicyRunner:
             if filled > match.hit_blocks:
                 cache.store(full[: filled * bt], ex.registration, np.arange(match.hit_blocks, filled),
                             first_block=match.hit_blocks)
-        return StepResult(new, len(ctx) - hit, len(ctx), ex.stopwatch() - t0, decode_s)
+        service = ex.stopwatch() - t0
+        if moves is not None:  # a move's wall time is not the step's; its wait for one is
+            service += max(0.0, moves.blocked_until - now) - (moves.waited_wall_s - waited0)
+        return StepResult(new, len(ctx) - hit, len(ctx), service, decode_s)
 
     def close(self) -> None:
         if self.traces is not None:
@@ -280,7 +288,7 @@ class PolicyReplay:
             snap = cache.metrics.snapshot()
             out.update(hits=snap["hits"], misses=snap["misses"], bytes_moved=snap["bytes_moved"],
                        blocks_per_tier=cache.blocks_per_tier(), transfer_latency=snap["transfer_latency"],
-                       dropped_blocks=snap["dropped_blocks"])
+                       dropped_blocks=snap["dropped_blocks"], moves=cache.moves.snapshot())
         else:
             out.update(hits={"device": 0, "dram": 0, "nvme": 0}, misses=0, bytes_moved={})
         out["nvme_bytes_written_per_task"] = out["bytes_moved"].get("dram->nvme", 0) / len(self.traces)

@@ -25,10 +25,13 @@ def make_salt(model: str, layout: KVLayout, kind: str = "", adapter: str = "") -
     )
 
 
-def hash_blocks(tokens: Any, block_tokens: int, salt: str) -> np.ndarray:
-    """Keys of every full block of ``tokens`` as an ``[n_full_blocks, 2]`` uint64 array."""
-    if not isinstance(block_tokens, int) or block_tokens <= 0:
-        raise InvalidArgumentError(f"block_tokens must be a positive int, got {block_tokens!r}")
+def as_token_ids(tokens: Any) -> np.ndarray:
+    """``tokens`` (a list, numpy array or torch tensor of integer ids) as a contiguous int64 array.
+
+    Float, bool or other non-integer ids are an ``InvalidArgumentError``: converting them with
+    ``dtype=int64`` would truncate 3.7 to 3 and hash a context the caller never had."""
+    if hasattr(tokens, "__dlpack__") and not isinstance(tokens, np.ndarray):
+        tokens = tokens.cpu().numpy() if hasattr(tokens, "cpu") else np.from_dlpack(tokens)
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise InvalidArgumentError(f"token ids must be one-dimensional, got shape {arr.shape}")
@@ -38,5 +41,13 @@ def hash_blocks(tokens: Any, block_tokens: int, salt: str) -> np.ndarray:
         if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
             raise InvalidArgumentError("token id out of range")
         arr = arr.astype(np.int64)
+    return np.ascontiguousarray(arr)
+
+
+def hash_blocks(tokens: Any, block_tokens: int, salt: str) -> np.ndarray:
+    """Keys of every full block of ``tokens`` as an ``[n_full_blocks, 2]`` uint64 array."""
+    if not isinstance(block_tokens, int) or block_tokens <= 0:
+        raise InvalidArgumentError(f"block_tokens must be a positive int, got {block_tokens!r}")
+    arr = as_token_ids(tokens)
     hi, lo = _core.salt_key(salt)
-    return _core.hash_blocks(np.ascontiguousarray(arr), block_tokens, hi, lo)
+    return _core.hash_blocks(arr, block_tokens, hi, lo)

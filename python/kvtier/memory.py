@@ -181,19 +181,70 @@ def _tensor_device(t: Any) -> str:
     return str(dev)
 
 
+class _StorageGuard:
+    """Note [Registered storage]: the native registration records raw addresses into the
+    tensors' memory and holds the (detached) tensors, which keeps their storage objects alive.
+    That is not enough: ``kv.resize_(bigger)`` reallocates the storage's memory in place (the
+    storage object survives, its old bytes are freed), ``kv.set_(other)`` points the tensor at
+    other memory, and ``kv.untyped_storage().resize_(0)`` frees it. A gather would then read,
+    and a scatter write, memory the tensor no longer uses (or nobody owns).
+
+    So the registration keeps the caller's own tensor objects and their storages, and before
+    every transfer compares each tensor's ``data_ptr()`` and its storage's ``nbytes()`` with
+    what they were at registration: two attribute reads per tensor (a few microseconds for a
+    32-layer model, per batch, never per block). A change is an ``InvalidArgumentError`` that
+    asks for a new registration. numpy arrays need no guard (numpy refuses to resize an array
+    that another object references, and the registration references it). A resize while a
+    transfer is already in flight cannot be caught this way; :meth:`KVRegistration.close`
+    (BusyError while transfers are pending) is the caller's tool for that.
+    """
+
+    __slots__ = ("_tensors", "_storages", "_expect")
+
+    def __init__(self, tensors: Sequence[Any]) -> None:
+        pairs = [(t, t.untyped_storage()) for t in tensors
+                 if hasattr(t, "data_ptr") and hasattr(t, "untyped_storage")]
+        self._tensors = [t for t, _ in pairs]
+        self._storages = [st for _, st in pairs]
+        self._expect = self._now()
+
+    def _now(self) -> list[tuple[int, int]]:
+        return [(t.data_ptr(), st.nbytes()) for t, st in zip(self._tensors, self._storages)]
+
+    def check(self) -> None:
+        if not self._tensors:
+            return
+        now = self._now()
+        if now != self._expect:
+            i = next(i for i, (a, b) in enumerate(zip(now, self._expect)) if a != b)
+            (ptr, nbytes), (ptr0, nbytes0) = now[i], self._expect[i]
+            what = (f"its storage changed size ({nbytes0} -> {nbytes} bytes)" if nbytes != nbytes0
+                    else f"its memory moved (data_ptr {ptr0:#x} -> {ptr:#x})")
+            raise InvalidArgumentError(
+                f"registered tensor {i} was resized or given new storage after register_kv ({what}); "
+                "kvtier would read or write memory the tensor no longer owns: register it again")
+
+
 class KVRegistration:
     """An engine's own paged KV memory, registered so kvtier can copy blocks in and out.
 
-    Created by :func:`register_kv`. The registration keeps its tensors alive while it is open
-    and while any transfer that uses it is pending. :meth:`close` raises ``BusyError`` while
-    transfers are in flight.
+    Created by :func:`register_kv`. The registration keeps its tensors and their storage alive
+    while it is open and while any transfer that uses it is pending, and refuses transfers once
+    a tensor was resized or given new storage (Note [Registered storage]). :meth:`close` raises
+    ``BusyError`` while transfers are in flight.
     """
 
-    def __init__(self, core: Any, layout: KVLayout, kind: str, device: str) -> None:
+    def __init__(self, core: Any, layout: KVLayout, kind: str, device: str,
+                 tensors: Sequence[Any] = ()) -> None:
         self._core = core
         self.layout = layout
         self.kind = kind
         self.device = device
+        self._guard = _StorageGuard(tensors)
+
+    def _check_storage(self) -> None:
+        """Raise ``InvalidArgumentError`` if a registered tensor's memory changed (Note [Registered storage])."""
+        self._guard.check()
 
     @property
     def num_blocks(self) -> int:
@@ -219,6 +270,7 @@ class KVRegistration:
 
     def close(self) -> None:
         self._core.close()
+        self._guard = _StorageGuard(())  # the tensors are the caller's again
 
     def __enter__(self) -> KVRegistration:
         return self
@@ -303,7 +355,7 @@ def register_kv(tensors: Any, layout: KVLayout, kind: str = "vllm_flash", *, hug
         raise DeviceError(f"registered tensors must share one device, got {sorted(devices)}")
     exported = [t.detach() if hasattr(t, "detach") else t for t in tensor_list]
     core = _core.register_kv(exported, [lk.block_dim] * len(exported), layout.block_bytes, huge_pages=huge_pages)
-    return KVRegistration(core, layout, kind, devices.pop())
+    return KVRegistration(core, layout, kind, devices.pop(), tensor_list)
 
 
 def register_kv_views(views: Sequence[Any], layout: KVLayout, block_dims: Sequence[int], *,
@@ -341,4 +393,4 @@ def register_kv_views(views: Sequence[Any], layout: KVLayout, block_dims: Sequen
         raise DeviceError(f"registered views must share one device, got {sorted(devices)}")
     exported = [t.detach() if hasattr(t, "detach") else t for t in views]
     core = _core.register_kv(exported, dims, layout.block_bytes, huge_pages=huge_pages)
-    return KVRegistration(core, layout, "views", devices.pop())
+    return KVRegistration(core, layout, "views", devices.pop(), views)

@@ -316,7 +316,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                    "gap_scale": gap_scale},
         "model_speed": model_speed,
         "time_model": "virtual: measured step service times on this machine, virtual tool gaps and arrivals; "
-                      "background moves of the trace-aware policy timed on the copy lane (kvtier.driver)",
+                      "every policy's moves between tiers timed on the copy lanes (Note [Background moves] in kvtier.trace)",
         "tokens_identical": identical,
         "policies": results,
         "title": f"kvtier replay (gaps x{gap_scale:g}, {compute_time} compute)",

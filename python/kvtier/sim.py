@@ -28,7 +28,6 @@ from kvtier.errors import InvalidArgumentError, OutOfCapacityError
 from kvtier.layout import KVLayout
 from kvtier.memory import as_block_ids
 from kvtier.policy import CostModel
-from kvtier.trace import BackgroundLane
 from kvtier.workload import Trace, default_workload
 
 __all__ = ["PRESETS", "ServerModel", "fleet_workload", "simulate"]
@@ -122,7 +121,16 @@ class ModelPool:
 
 
 class ModelEngine:
-    """Transfers that take ``bytes / bandwidth`` of their link; ``elapsed_s`` adds them up."""
+    """Transfers that take ``bytes / bandwidth`` of their link; ``elapsed_s`` adds up a step's own.
+
+    Note [Background moves] in kvtier/trace.py: moves between tiers (submitted by the cache's move
+    queue, which clears ``charge_to_step`` meanwhile) are not the step's time: the queue books
+    their modelled duration (the handle's ``latency_s``) on its lanes. A step's own transfers over
+    PCIe or from NVMe are booked on the same lanes (``mover``), so they wait behind background
+    moves and background moves behind them: both share the link's bandwidth.
+    """
+
+    _LANES = {("dram", "engine"): "in", ("engine", "dram"): "out"}
 
     def __init__(self, server: ServerModel, block_bytes: int) -> None:
         pcie, hbm = server.pcie_gbps * 1e9, server.hbm_gbps * 1e9
@@ -130,9 +138,24 @@ class ModelEngine:
                    ("dram", "device"): pcie, ("dram", "engine"): pcie, ("engine", "dram"): pcie}
         self.block_bytes = block_bytes
         self.elapsed_s = 0.0
+        self.charge_to_step = True
+        self.mover: Any = None  # the cache's MoveQueue (its lanes and virtual time), set by simulate()
+        self._step_at = self._cursor = float("-inf")
 
-    def charge(self, nbytes: int, bandwidth: float) -> float:
+    def charge(self, nbytes: int, bandwidth: float, lane: str | None = None) -> float:
         s = nbytes / bandwidth
+        if not self.charge_to_step:  # a move: timed on its lane by the move queue
+            return s
+        if self.mover is not None:
+            at = self.mover.at()
+            if at != self._step_at:  # a new step (or call): its own transfers start at its time
+                self._step_at = self._cursor = at
+            if lane is not None:
+                _, end = self.mover.lanes[lane].place(self._cursor, s)
+                self.elapsed_s += end - self._cursor
+                self._cursor = end
+                return s
+            self._cursor += s
         self.elapsed_s += s
         return s
 
@@ -141,7 +164,8 @@ class ModelEngine:
         if n != len(as_block_ids(dst_ids)):
             raise InvalidArgumentError("source and destination block counts differ")
         nbytes = n * self.block_bytes
-        return _Handle(nbytes, self.charge(nbytes, self.bw[(src.kind, dst.kind)]), n)
+        link = (src.kind, dst.kind)
+        return _Handle(nbytes, self.charge(nbytes, self.bw[link], self._LANES.get(link)), n)
 
 
 class ModelNvme:
@@ -157,12 +181,12 @@ class ModelNvme:
             raise OutOfCapacityError("the NVMe tier is full")
         self.used += n
         nbytes = n * self.engine.block_bytes
-        return _Handle(nbytes, self.engine.charge(nbytes, self.wr), n, np.ones(n, dtype=bool))
+        return _Handle(nbytes, self.engine.charge(nbytes, self.wr, "out"), n, np.ones(n, dtype=bool))
 
     def read(self, keys: np.ndarray, ids: Any) -> _Handle:
         n = len(keys)
         nbytes = n * self.engine.block_bytes
-        return _Handle(nbytes, self.engine.charge(nbytes, self.rd), n, np.ones(n, dtype=bool))
+        return _Handle(nbytes, self.engine.charge(nbytes, self.rd, "in"), n, np.ones(n, dtype=bool))
 
     def evict(self, keys: np.ndarray) -> int:
         self.used -= len(keys)
@@ -297,20 +321,15 @@ def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 2, 
                     dev = int(server.hbm_kv_gib * gib)
                     # Loads in one chunk: nothing waits on part of a modelled transfer.
                     if policy == "device-lru":
-                        return TieredCache(layout, "sim", device_bytes=dev, backend=backend, load_chunk_blocks=1 << 20)
-                    return TieredCache(layout, "sim", device_bytes=dev, dram_bytes=int(server.dram_kv_gib * gib),
-                                       nvme_dir="(modelled)", nvme_bytes=int(server.nvme_kv_gib * gib), backend=backend,
-                                       load_chunk_blocks=1 << 20)
+                        cache = TieredCache(layout, "sim", device_bytes=dev, backend=backend, load_chunk_blocks=1 << 20)
+                    else:
+                        cache = TieredCache(layout, "sim", device_bytes=dev, dram_bytes=int(server.dram_kv_gib * gib),
+                                            nvme_dir="(modelled)", nvme_bytes=int(server.nvme_kv_gib * gib),
+                                            backend=backend, load_chunk_blocks=1 << 20)
+                    backend.engine.mover = cache.moves  # steps and moves share the lanes (Note [Background moves])
+                    return cache
 
-                eng = backend.engine
-
-                def measure(fn: Any, eng: ModelEngine = eng) -> tuple[float, Any]:
-                    before = eng.elapsed_s
-                    out = fn()
-                    return eng.elapsed_s - before, out
-
-                runner = PolicyRunner(p, ModelExecutor(server, backend, vocab), make_cache, _cost(server, layout),
-                                      lane=BackgroundLane(measure))
+                runner = PolicyRunner(p, ModelExecutor(server, backend, vocab), make_cache, _cost(server, layout))
                 rp = PolicyReplay(runner, group)
                 while rp.step():
                     bar.advance(task)

@@ -20,11 +20,42 @@ to prefetch it back (Note [Prefetch timing]). The manager runs due prefetches an
 in :meth:`TraceManager.tick`; ``tool_end`` starts a prefetch that has not started yet.
 
 Time: every call takes an optional ``now`` (seconds). An engine leaves it out and the manager
-reads its clock; ``kvtier replay`` and ``kvtier simulate`` pass virtual time. Moves made in the
-background are timed on two :class:`BackgroundLane` s, one per direction (demotions and headroom
-out, restores in): they run on the caller's thread, and each lane records when they would have
-started and finished on the machine's copy engines, one after another, so that a resume can tell
-whether its restore is late.
+reads its clock; ``kvtier replay`` and ``kvtier simulate`` pass virtual time. The manager's moves
+(demotions at a tool start, headroom, restores) run in the background on the cache's move queue,
+exactly like every other policy's moves (Note [Background moves]).
+
+Note [Background moves]: one mechanism and one timing rule for every move of a cached block between
+tiers, whichever policy asks for it (``tiered``'s LRU demotion when a store needs room, its
+promotion of DRAM hits, the NVMe writes below both, ``trace-aware``'s demotions at a tool start,
+its headroom and its restores). The policies differ only in what they move and when.
+
+- *Asynchronous*: a move is one batch, one tier up or down (device<->DRAM on the copy engine,
+  DRAM<->NVMe on the NVMe tier), submitted to ``cache.moves`` (:class:`kvtier.moves.MoveQueue`),
+  which returns at once. It completes on its handle: the queue reaps finished handles whenever
+  the cache or the manager is called (``poll``), never blocking for one nobody needs yet. A move
+  of several hops (device -> NVMe; a restore NVMe -> device) chains its next hop on the previous
+  one's completion; a move that needs room first (a full DRAM tier) waits, pinned, for the
+  demotions that make it. ``tool_start``, ``tick`` and ``tool_end`` only submit.
+- *Copy, then release*: the index changes only when a move completes. Until then the keys stay
+  where they were, pinned by the move (never an LRU victim, never moved twice), and readers
+  keep loading the source copy; the target blocks are reserved. On success the key is relocated
+  and the source freed; a failed or crashed move frees the target and leaves the source, so the
+  trace stays usable (an eviction that had to free room drops its blocks instead, as before). A
+  block that a running step pins when its demotion lands stays where it is.
+- *Who waits*: a step waits only for moves whose result it needs now: ``begin_step`` for the
+  pending restores of exactly the blocks this trace restored (``MoveQueue.wait_keys``), a load
+  for in-flight NVMe reads of the blocks it loads, a store that finds no room for the demotions
+  making it (under every policy alike).
+- *One timing rule* (``kvtier replay`` and ``kvtier simulate`` alike): a move takes its handle's
+  duration (measured on the copy engine / disk in the replay, bytes over the link's modelled
+  bandwidth in the simulator) on one of two :class:`BackgroundLane` s (``out``: demotions and
+  NVMe writes; ``in``: restores and promotions), booked from the virtual time it was issued, one
+  move at a time per lane. A step is never charged a move's wall time; it is charged up to the
+  virtual completion of each move it waited for (``MoveQueue.blocked_until``), and a late restore
+  is decided on that completion (Note [Prefetch timing]). In the simulator a step's own PCIe loads
+  and NVMe reads are booked on the same ``in`` lane, so background moves and steps share the
+  bandwidth; in the replay the moves run on the copy engine's threads and the NVMe tier's queue
+  beside the model, on the same cores.
 
 Example (an engine with a transformers decoder)::
 
@@ -42,7 +73,6 @@ Example (an engine with a transformers decoder)::
 
 from __future__ import annotations
 
-import bisect
 import enum
 import heapq
 import itertools
@@ -57,10 +87,12 @@ import numpy as np
 
 from kvtier.cache import DEVICE, DRAM, NVME, PrefixMatch, TieredCache
 from kvtier.errors import InvalidArgumentError
+from kvtier.keys import as_token_ids
 from kvtier.memory import KVRegistration
+from kvtier.moves import BackgroundLane
 from kvtier.policy import Action, CostModel, Decision, GapEstimator, TierState, TraceAwarePolicy
 
-__all__ = ["BackgroundLane", "StepPlan", "Trace", "TraceManager", "TraceMetrics", "TraceState"]
+__all__ = ["BackgroundLane", "StepPlan", "Trace", "TraceManager", "TraceMetrics", "TraceState"]  # BackgroundLane: from kvtier.moves
 
 _EMPTY_KEYS = np.zeros((0, 2), dtype=np.uint64)
 
@@ -72,55 +104,6 @@ class TraceState(str, enum.Enum):
     PARKED = "parked"
     RESUMED = "resumed"
     CLOSED = "closed"
-
-
-class BackgroundLane:
-    """Times background moves as if they ran one at a time on the copy engines.
-
-    A move issued at ``at`` takes the first idle stretch of the lane at or after ``at`` that is
-    long enough; moves may be issued out of time order (a tool start is issued when its step's
-    decode ends, which may be after later events were handled). ``measure(fn)`` runs ``fn`` and
-    returns ``(seconds, result)``; the default is wall time, the simulator passes one that reads
-    its modelled transfer time instead.
-    """
-
-    def __init__(self, measure: Callable[[Callable[[], Any]], tuple[float, Any]] | None = None,
-                 horizon_s: float = 3600.0) -> None:
-        self.busy_s = 0.0
-        self._measure = measure or _wall_time
-        self._busy: list[tuple[float, float]] = []  # disjoint (start, end), sorted
-        self._horizon = horizon_s
-
-    def twin(self) -> BackgroundLane:
-        """A second, independent lane timed the same way (the other direction of the link)."""
-        return BackgroundLane(self._measure, self._horizon)
-
-    @property
-    def free_at(self) -> float:
-        return self._busy[-1][1] if self._busy else 0.0
-
-    def run(self, at: float, fn: Callable[[], Any]) -> tuple[float, float, Any]:
-        """Run ``fn`` as a move issued at ``at``: returns (start, done, result)."""
-        seconds, result = self._measure(fn)
-        busy = self._busy
-        if busy and busy[0][1] < at - self._horizon:  # forget the distant past
-            del busy[: bisect.bisect_left(busy, (at - self._horizon, 0.0))]
-        i = bisect.bisect_left(busy, (at, -1.0))
-        if i > 0 and busy[i - 1][1] > at:
-            i -= 1
-        start = at
-        while i < len(busy) and busy[i][0] < start + seconds:
-            start = max(start, busy[i][1])
-            i += 1
-        bisect.insort(busy, (start, start + seconds))
-        self.busy_s += seconds
-        return start, start + seconds, result
-
-
-def _wall_time(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - t0, result
 
 
 @dataclass
@@ -189,6 +172,7 @@ class Trace:
         self._prefetch_due: float | None = None
         self._restore = (0.0, 0.0)  # (start, done) of the last restore on the lane
         self._restore_blocks = 0
+        self._restore_keys = _EMPTY_KEYS  # the blocks the last restore moves up (Note [Background moves])
         self._lateness_recorded = False
         self._match: PrefixMatch | None = None
         self._step_ended = False  # end_step ran and no tool_start or begin_step since: tool_start may follow
@@ -211,7 +195,9 @@ class Trace:
         return np.concatenate([self._keys, self._tail_key])
 
     def tiers(self) -> dict[str, int]:
-        """How many of the trace's blocks sit on each tier (``missing``: not cached anywhere)."""
+        """How many of the trace's blocks sit on each tier (``missing``: not cached anywhere), once
+        the moves that have finished are reaped (a block in flight counts where it was)."""
+        self._mgr.cache.moves.poll()
         where, _ = self._mgr.cache.locate(self.owned_keys())
         return {"device": int((where == DEVICE).sum()), "dram": int((where == DRAM).sum()),
                 "nvme": int((where == NVME).sum()), "missing": int((where == 255).sum())}
@@ -235,7 +221,7 @@ class Trace:
             raise InvalidArgumentError(f"trace {self.id!r} is already running a step; call end_step first")
         now = self._mgr._now(now)
         cache, bt = self._mgr.cache, self._mgr.block_tokens
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = as_token_ids(tokens)  # integer ids only: floats are refused, not truncated
         if len(tokens) == 0:
             raise InvalidArgumentError("a step's context must hold at least one token")
         keys = cache.keys_for(tokens)  # checks the token ids: bad input changes nothing
@@ -253,6 +239,9 @@ class Trace:
         # A restore still running (Note [Prefetch timing]): recompute its late part when cheaper
         # than waiting; otherwise tell the caller to come back when it is done.
         late_tokens = 0
+        if self._restore_blocks:  # wait for this trace's own restores, and only those
+            start, done = cache.moves.wait_keys(self._restore_keys, since=self._restore[0])
+            self._restore = (start, done) if done > float("-inf") else (now, now)
         start, done = self._restore
         if self._restore_blocks and not self._lateness_recorded:
             self._lateness_recorded = True
@@ -270,6 +259,7 @@ class Trace:
             late_tokens = tokens_late
             self._mgr.metrics.late_recompute_tokens += tokens_late
         self._restore_blocks = 0
+        self._restore_keys = _EMPTY_KEYS
         self._step_ended = False
         match = cache.match_keys(probe)
         self._release_lease()  # the match pins what it found
@@ -291,7 +281,7 @@ class Trace:
             again = "its last step already ended; " if self._step_ended else ""
             raise InvalidArgumentError(
                 f"trace {self.id!r} is {self.state.value}, not running: {again}call begin_step first")
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = as_token_ids(tokens)  # integer ids only: floats are refused, not truncated
         if not 0 <= seq_len <= len(tokens):
             raise InvalidArgumentError(f"seq_len={seq_len} must be within [0, {len(tokens)}] (the tokens given)")
         cache, bt, idx = self._mgr.cache, self._mgr.block_tokens, self._mgr.cache.index
@@ -376,7 +366,7 @@ class Trace:
             self.state = TraceState.PARKED
         else:
             tier = DRAM if d.action is Action.DRAM else NVME
-            _, _, moved = mgr.lane.run(now, lambda: cache.demote_keys(on_device, tier))
+            moved = cache.demote_keys(on_device, tier, wait=False)  # submitted: returns at once
             mgr.metrics.demoted_blocks += moved
             self.state = TraceState.PARKED
             self._prefetch_due = now + (d.prefetch_in_s or 0.0)
@@ -401,18 +391,22 @@ class Trace:
         keys = self.owned_keys()
         if len(keys) == 0:
             return
-        def restore() -> None:
+        cache = mgr.cache
+        moves, saved = cache.moves, cache.moves.now
+        moves.now = at  # issued when it was due (tick may run later)
+        try:
             mgr._make_room_for(self, keys)
-            mgr.cache.promote_keys(keys, DEVICE)
-
-        start, done, _ = mgr.restore_lane.run(at, restore)
-        where, _ = mgr.cache.locate(keys)
-        here = keys[where == DEVICE]
-        self._restore = (start, done)
-        self._restore_blocks = len(here)
+            cache.promote_keys(keys, DEVICE, wait=False)  # submitted: completes in the background
+        finally:
+            moves.now = saved
+        where, _ = cache.locate(keys)
+        up = keys[(where != DEVICE) & (where != 255) & moves.moving(keys)]
+        self._restore = (at, at)
+        self._restore_keys = up
+        self._restore_blocks = len(up)
         self._lateness_recorded = False
         mgr.metrics.prefetches += 1
-        mgr.metrics.prefetched_blocks += len(here)
+        mgr.metrics.prefetched_blocks += len(up)
         # Not pinned: the promotion made them the device's most recently used blocks, which is
         # protection enough for the short wait until the step, and pins here would make a small
         # device tier refuse other traces' blocks.
@@ -521,9 +515,11 @@ class TraceManager:
         policy: the placement policy (default :class:`~kvtier.policy.TraceAwarePolicy`).
         gaps: the gap estimator (learns each tool's gaps from ``tool_end``).
         clock: seconds, for calls without ``now``.
-        lane: where background moves out (demotions) are timed.
-        restore_lane: where restores are timed (default: a twin of ``lane``). PCIe copy engines and
-            NVMe queues serve each direction on their own, so a restore does not wait behind demotions.
+        lane: where moves out (demotions, NVMe writes) are timed (default: the cache's own,
+            ``cache.moves.lanes["out"]``; Note [Background moves]). Given, it replaces it.
+        restore_lane: where moves in (restores, promotions) are timed (default: the cache's own;
+            a twin of ``lane`` when only ``lane`` is given). PCIe copy engines and NVMe queues serve
+            each direction on their own, so a restore does not wait behind demotions.
     """
 
     def __init__(self, cache: TieredCache, cost: CostModel, *, policy: TraceAwarePolicy | None = None,
@@ -539,14 +535,27 @@ class TraceManager:
         self.policy = policy or TraceAwarePolicy()
         self.gaps = gaps or GapEstimator()
         self.clock = clock
-        self.lane = lane or BackgroundLane()
-        self.restore_lane = restore_lane or self.lane.twin()
+        cache.moves.clock = clock
+        if lane is not None:
+            cache.moves.lanes["out"] = lane
+            cache.moves.lanes["in"] = restore_lane or lane.twin()
+        elif restore_lane is not None:
+            cache.moves.lanes["in"] = restore_lane
         self.block_tokens = cache.block_tokens
         self.metrics = TraceMetrics()
         self._traces: dict[str, Trace] = {}
         self._leased = 0
         self._due: list[tuple[float, int, Trace]] = []
         self._seq = itertools.count()
+
+    @property
+    def lane(self) -> BackgroundLane:
+        """Where moves out of the device are timed (the cache's; Note [Background moves])."""
+        return self.cache.moves.lanes["out"]
+
+    @property
+    def restore_lane(self) -> BackgroundLane:
+        return self.cache.moves.lanes["in"]
 
     def open(self, trace_id: str) -> Trace:
         if not isinstance(trace_id, str) or not trace_id:
@@ -574,6 +583,7 @@ class TraceManager:
     def tick(self, now: float | None = None) -> None:
         """Run the prefetches that are due and end expired leases, in time order."""
         now = self._now(now)
+        self.cache.moves.poll()
         while self._due and self._due[0][0] <= now:
             _, _, t = heapq.heappop(self._due)
             if t.state is not TraceState.CLOSED:
@@ -589,7 +599,7 @@ class TraceManager:
         for tier, need in ((DRAM, int((where == NVME).sum())), (DEVICE, int((where != DEVICE).sum()))):
             if need == 0 or not cache.has_tier(tier) or not cache.has_tier(tier + 1):
                 continue
-            short = need - cache.tier_free_blocks(tier)
+            short = need - cache.tier_free_blocks(tier) - sum(len(m.keys) for m in cache.moves.leaving(tier))
             if short <= 0:
                 continue
             later = sorted((t for t in self._traces.values()
@@ -604,10 +614,9 @@ class TraceManager:
                 on = pk[w == tier]
                 if len(on) == 0:
                     continue
-                before = cache.tier_free_blocks(tier)
-                cache.demote_keys(on[-short:], tier + 1)  # the tail of its context first
-                self.metrics.farthest_demoted_blocks += cache.tier_free_blocks(tier) - before
-                short = need - cache.tier_free_blocks(tier)
+                moved = cache.demote_keys(on[-short:], tier + 1, wait=False)  # the tail of its context first
+                self.metrics.farthest_demoted_blocks += moved
+                short -= moved
                 if short <= 0:
                     break
 
@@ -619,7 +628,7 @@ class TraceManager:
                 continue  # a DRAM tier with nothing below would drop blocks to make headroom
             want = int(self.policy.headroom * cache.pools[tier].num_blocks)
             if want and cache.tier_free_blocks(tier) < want:
-                self.lane.run(now, lambda t=tier, n=want: cache.make_room(t, n))
+                cache.make_room(tier, want, wait=False)  # background demotions (Note [Background moves])
                 self.metrics.headroom_runs += 1
 
     def next_due(self) -> float | None:
@@ -633,7 +642,9 @@ class TraceManager:
         heapq.heappush(self._due, (at, next(self._seq), t))
 
     def _now(self, now: float | None) -> float:
-        return self.clock() if now is None else float(now)
+        now = self.clock() if now is None else float(now)
+        self.cache.moves.now = now  # moves issued by this call start then
+        return now
 
 
 def calibrate(cache: TieredCache, recompute_s_per_token: float, blocks: int = 16) -> CostModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 import weakref
@@ -19,7 +20,10 @@ BlockMemory = HostPool | KVRegistration
 
 
 def _space(obj: Any, role: str) -> Any:
-    if isinstance(obj, (HostPool, KVRegistration)):
+    if isinstance(obj, KVRegistration):
+        obj._check_storage()  # Note [Registered storage] in kvtier/memory.py
+        return obj._core
+    if isinstance(obj, HostPool):
         return obj._core
     if hasattr(obj, "__dlpack__") or hasattr(obj, "__array_interface__"):
         raise InvalidArgumentError(
@@ -70,10 +74,15 @@ class TransferHandle:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until complete; raise ``TransferTimeoutError`` after ``timeout`` seconds, or the
-        transfer's own error if it failed."""
-        if timeout is not None and timeout < 0:
-            raise InvalidArgumentError(f"timeout must be >= 0 seconds or None, got {timeout}")
-        if not self._core.wait(-1.0 if timeout is None else float(timeout)):
+        transfer's own error if it failed. ``timeout`` None or ``float('inf')`` waits as long as
+        it takes (so does any timeout too long to be a deadline); NaN or a negative number is an
+        ``InvalidArgumentError``."""
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+                raise InvalidArgumentError(f"timeout must be a number of seconds or None, got {timeout!r}")
+            if math.isnan(timeout) or timeout < 0:
+                raise InvalidArgumentError(f"timeout must be >= 0 seconds (or None / inf: no limit), got {timeout}")
+        if not self._core.wait(-1.0 if timeout is None or math.isinf(timeout) else float(timeout)):
             raise TransferTimeoutError(
                 f"transfer of {self.num_blocks} blocks ({self.bytes} bytes) not complete after {timeout} s"
             )

@@ -1,11 +1,19 @@
-"""``kvtier bench copy``: block gather/scatter throughput against plain memcpy.
+"""``kvtier bench copy``: block gather/scatter throughput against the machine's best contiguous copy.
 
-For each case, the same number of bytes is moved three ways in one run, interleaved, ``reps``
-times: kvtier's copy engine (random block ids, real KV layouts), ``memcpy`` of one contiguous
-buffer on one thread, and ``memcpy`` split over as many threads as the engine uses. Every buffer
-(KV tensors, pool, anchor buffers) is pre-faulted and on transparent huge pages where the kernel
-gives them, so the comparison is about the copy, not about page faults or TLB reach. The anchor
-is the faster memcpy (median over reps); the ratio is kvtier / anchor.
+For each case, the same number of bytes is moved four ways in one run, interleaved, ``reps``
+times: kvtier's copy engine (random block ids, real KV layouts), and three copies of one
+contiguous buffer of the same size (Note [Copy anchor]). Every buffer (KV tensors, pool, anchor
+buffers) is pre-faulted and on transparent huge pages where the kernel gives them, so the
+comparison is about the copy, not about page faults or TLB reach. The ratio is kvtier / anchor.
+
+Note [Copy anchor]: the anchor is the best contiguous copy of the same bytes this machine does,
+measured in the same run: ``memcpy`` on one thread, ``memcpy`` split over the engine's threads,
+and a copy with streaming (non-temporal) stores split over the engine's threads (the store kind
+kvtier's own engine uses for large batches, ``_core.timed_stream_copy``). Each is reported; the
+one with the best median is the anchor. Against memcpy alone a gather that streams could score
+well above 1.0 on a machine where glibc's memcpy does not stream at this size (the ratios of
+1.0-1.8 seen before), which says nothing about the gather. With the best of the three, 1.0 means
+gathering scattered runs is as fast as copying one contiguous buffer can be here.
 """
 
 from __future__ import annotations
@@ -102,22 +110,33 @@ def run_case(case: Case, size_bytes: int, reps: int, engine: kvtier.CopyEngine, 
 
     kvtier_once()  # warm-up: thread pool, plan cache
     _core.timed_memcpy(b, a, 1)
-    samples: dict[str, list[float]] = {"kvtier": [], "memcpy_1t": [], "memcpy_mt": []}
+    _core.timed_stream_copy(b, a, engine.threads)
+    nt = engine.threads
+    anchors: dict[str, tuple[str, Callable[[], float]]] = {
+        "memcpy_1t": ("memcpy, 1 thread", lambda: _core.timed_memcpy(b, a, 1)),
+        "memcpy_mt": (f"memcpy, {nt} threads", lambda: _core.timed_memcpy(b, a, nt)),
+        "stream_mt": (f"streaming-store copy, {nt} threads", lambda: _core.timed_stream_copy(b, a, nt)),
+    }
+    samples: dict[str, list[float]] = {"kvtier": [], **{k: [] for k in anchors}}
     for _ in range(reps):
-        samples["memcpy_1t"].append(_core.timed_memcpy(b, a, 1))
-        samples["kvtier"].append(kvtier_once())
-        samples["memcpy_mt"].append(_core.timed_memcpy(b, a, engine.threads))
+        for k, (_, fn) in anchors.items():  # kvtier runs between the anchors: drift lands on all
+            samples[k].append(fn())
+            if k == "memcpy_1t":
+                samples["kvtier"].append(kvtier_once())
         tick()
     gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in samples.items()}
-    anchor = "memcpy_1t" if gbps["memcpy_1t"] >= gbps["memcpy_mt"] else "memcpy_mt"
+    anchor = max(anchors, key=lambda k: gbps[k])
     return {
         "case": case.name,
         "kvtier_gbps": round(gbps["kvtier"], 3),
-        "anchor": f"memcpy ({1 if anchor == 'memcpy_1t' else engine.threads} thread(s), contiguous)",
+        "anchor": f"{anchor}: {anchors[anchor][0]}, contiguous (the best of {', '.join(anchors)})",
+        "anchor_kind": anchor,
         "anchor_gbps": round(gbps[anchor], 3),
         "ratio": round(gbps["kvtier"] / gbps[anchor], 3),
         "memcpy_1t_gbps": round(gbps["memcpy_1t"], 3),
         "memcpy_mt_gbps": round(gbps["memcpy_mt"], 3),
+        "stream_mt_gbps": round(gbps["stream_mt"], 3),
+        "ratio_vs": {k: round(gbps["kvtier"] / gbps[k], 3) for k in anchors},
         "layout": case.kind or "dram pool",
         "direction": case.direction,
         "block_bytes": layout.block_bytes,
@@ -159,13 +178,14 @@ def run(size_mib: int = 512, reps: int = 7, threads: int | None = None, block_to
               "results": results}
     table = Table(title=f"kvtier bench copy ({size_mib} MiB per transfer, median of {reps}, "
                         f"{engine.threads} copy threads)")
-    for col in ("case", "block", "runs", "kvtier GB/s", "memcpy 1t", f"memcpy {engine.threads}t", "ratio"):
+    for col in ("case", "block", "runs", "kvtier GB/s", "memcpy 1t", f"memcpy {engine.threads}t",
+                f"stream {engine.threads}t", "anchor", "ratio"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for r in results:
-        style = "green" if r["ratio"] >= 0.9 else "red"
+        style = "green" if r["ratio"] >= 0.95 else "red"
         table.add_row(r["case"], f"{r['block_bytes'] >> 10} KiB", str(r["runs_per_block"] or 1),
                       f"{r['kvtier_gbps']:.2f}", f"{r['memcpy_1t_gbps']:.2f}", f"{r['memcpy_mt_gbps']:.2f}",
-                      f"[{style}]{r['ratio']:.2f}x[/{style}]")
+                      f"{r['stream_mt_gbps']:.2f}", r["anchor_kind"], f"[{style}]{r['ratio']:.2f}x[/{style}]")
     Console().print(table)
     if json_path:
         with open(json_path, "w") as f:
