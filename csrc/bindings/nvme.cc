@@ -26,6 +26,16 @@ std::shared_ptr<TransferState> Submit(NvmeTier& t, KeyArray keys, IdArray ids) {
 void BindNvme(nb::module_& m) {
   using namespace nb::literals;
   m.attr("HAVE_NVME") = true;
+  m.def(
+      "timed_checksum",
+      [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> data, uint64_t piece_bytes,
+         int threads) {
+        if (piece_bytes == 0) ThrowIfError(InvalidArgument("timed_checksum: piece_bytes must be > 0"));
+        nb::gil_scoped_release nogil;
+        return TimedParallelChecksum(data.data(), data.shape(0), piece_bytes, threads);
+      },
+      "data"_a, "piece_bytes"_a, "threads"_a = 1,
+      "Seconds to XXH3-64 `data` in pieces of `piece_bytes` over `threads` threads (the NVMe tier's checksum).");
   nb::class_<NvmeTier>(m, "NvmeTier")
       .def_static(
           "open",
@@ -76,6 +86,7 @@ void BindNvme(nb::module_& m) {
              t.Drain();
            })
       .def("inject_io_errors", &NvmeTier::InjectIoErrors, "every_nth"_a)
+      .def("inject_staging_change", &NvmeTier::InjectStagingChange, "every_nth"_a, "after_write"_a = false)
       .def_prop_ro("block_bytes", &NvmeTier::block_bytes)
       .def_prop_ro("payload_bytes", &NvmeTier::payload_bytes)
       .def("header_offset", &NvmeTier::header_offset, "slot"_a, "File offset of a slot's header.")

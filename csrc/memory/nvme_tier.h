@@ -27,6 +27,19 @@
 // overlap the rest of the batch's payloads and only the last group's headers, then the
 // fdatasync, follow the last payload. Waiting for the whole batch first left 10.7 MiB of headers
 // (2730 blocks of 192 KiB) plus the fdatasync after the last payload: 8-12 ms of a ~110 ms batch.
+// Note [Checksums beside the payload]: a write batch's payload requests all go to the ring (up to
+// the queue depth) as soon as its slots are claimed; the blocks' XXH3-64 checksums are computed
+// meanwhile on the verify pool, a few MiB per task in submission order. A header needs its
+// block's checksum, and goes out only after its payload completed anyway, so a header group
+// waits for two events per block (payload written, checksum computed) and the ring never waits
+// for a hash. Both the hash and the disk read the same staging block, which the tier holds
+// (read-acquired) from Write until the handle completes: nothing in kvtier changes it in
+// between. Were it changed anyway (a caller writing through a raw pointer), the bytes hashed and
+// the bytes written differ, in whichever order the two happened, and the first read fails the
+// checksum: a miss, never wrong bytes (InjectStagingChange tests both orders). Before, the
+// caller's thread hashed each request just before queueing it: the ring got its first requests
+// after the first 8 MiB were hashed and was fed at the hashing rate, which on a machine with
+// slow memory (memcpy ~10 GB/s) is close enough to the disk's to starve it.
 // Note [Recovery]: Open reads every slot header; a header with a bad checksum or magic marks a
 // free slot; when two slots claim one key the higher generation wins. Payloads are verified
 // lazily, on read.
@@ -83,6 +96,12 @@ struct NvmeTierStats {
   uint64_t fsyncs = 0;
 };
 
+// Seconds to XXH3-64 (Checksum64, the tier's payload checksum) `size_bytes` at `data`, split
+// evenly over `threads` threads in pieces of `piece_bytes` (a block: the unit the tier hashes).
+// `kvtier bench nvme` records this beside memcpy's speed (the machine section), so a reader sees
+// whether hashing or the disk bound a case.
+double TimedParallelChecksum(const void* data, size_t size_bytes, size_t piece_bytes, int threads);
+
 class NvmeTier {
  public:
   // Creates the tier in options.directory, or reopens (and recovers) the one there. Blocks move
@@ -107,6 +126,15 @@ class NvmeTier {
   void Drain();
   // Test switch: every every_nth payload/header operation completes with -EIO (0: off).
   void InjectIoErrors(uint64_t every_nth) noexcept { inject_every_.store(every_nth); }
+  // Test switch: in every write batch, the staging block at every every_nth-th position
+  // (positions every_nth-1, 2*every_nth-1, ...) gets its first byte flipped between its checksum
+  // and its payload write: hashed first, then changed, then written (after_write=false), or
+  // written first, then changed, then hashed (true). Either way the header's checksum no longer
+  // matches the payload on disk, and a read must report the block as corrupt. 0: off.
+  void InjectStagingChange(uint64_t every_nth, bool after_write) noexcept {
+    inject_after_write_.store(after_write);
+    inject_staging_every_.store(every_nth);
+  }
 
   uint64_t block_bytes() const noexcept { return options_.block_bytes; }
   uint64_t payload_bytes() const noexcept { return payload_bytes_; }
@@ -149,6 +177,12 @@ class NvmeTier {
   void OnOpDone(IoOp* op, int res);
   void BlockDone(Request& req, uint32_t block, bool ok);
   void VerifyBlocks(Request& req, std::span<const uint32_t> blocks);
+  void HashBlocks(Request& req, std::span<const uint32_t> blocks);
+  void HashAfterWrite(Request& req, uint32_t block);
+  bool InjectSelects(uint32_t position) const noexcept {
+    const uint64_t every = inject_staging_every_.load();
+    return every > 0 && (uint64_t{position} + 1) % every == 0;
+  }
   void BuildPayloadOps(Request& req, IoOp::Kind kind);
   void AssignHeaderGroups(Request& req) const;
   void StartHeaders(Request& req, uint32_t group);
@@ -184,7 +218,8 @@ class NvmeTier {
   uint64_t next_generation_ = 1;  // guarded by index_mu_
 
   std::atomic<uint64_t> active_requests_{0};
-  std::atomic<uint64_t> op_counter_{0}, inject_every_{0};
+  std::atomic<uint64_t> op_counter_{0}, inject_every_{0}, inject_staging_every_{0};
+  std::atomic<bool> inject_after_write_{false};
   std::atomic<uint64_t> blocks_written_{0}, dedup_{0}, write_errors_{0}, read_hits_{0}, read_misses_{0},
       corrupt_{0}, read_errors_{0}, bytes_written_{0}, bytes_read_{0}, recovered_{0}, evicted_{0}, fsyncs_{0};
 };

@@ -157,6 +157,15 @@ class NvmeTier:
         """Test switch: every ``every_nth``-th I/O operation fails with EIO (0: off)."""
         self._tier().inject_io_errors(int(every_nth))
 
+    def inject_staging_change(self, every_nth: int, after_write: bool = False) -> None:
+        """Test switch: in each write batch, the staging block at every ``every_nth``-th position
+        has its first byte flipped between its checksum and its payload write (hashed, changed,
+        then written; or with ``after_write``: written, changed, then hashed). Reads of those
+        blocks must then fail their checksum. 0: off."""
+        if isinstance(every_nth, bool) or not isinstance(every_nth, (int, np.integer)) or every_nth < 0:
+            raise InvalidArgumentError(f"every_nth must be an int >= 0, got {every_nth!r}")
+        self._tier().inject_staging_change(int(every_nth), bool(after_write))
+
     def close(self) -> None:
         """Wait for pending I/O and release the directory (another NvmeTier may then open it)."""
         if self._core is not None:
