@@ -40,7 +40,8 @@ void BindNvme(nb::module_& m) {
       .def_static(
           "open",
           [](const std::string& directory, HostPool& staging, uint32_t num_slots, uint32_t queue_depth,
-             uint64_t max_io_bytes, bool durable, bool allow_buffered_io, uint32_t verify_threads) {
+             uint64_t max_io_bytes, bool durable, bool allow_buffered_io, uint32_t verify_threads,
+             bool taper_reads) {
             NvmeTierOptions o;
             o.directory = directory;
             o.block_bytes = staging.block_bytes();
@@ -50,6 +51,7 @@ void BindNvme(nb::module_& m) {
             o.durable = durable;
             o.allow_buffered_io = allow_buffered_io;
             o.verify_threads = verify_threads;
+            o.taper_reads = taper_reads;
             Result<std::unique_ptr<NvmeTier>> r = [&] {
               nb::gil_scoped_release nogil;
               return NvmeTier::Open(o, staging);
@@ -57,7 +59,8 @@ void BindNvme(nb::module_& m) {
             return Unwrap(std::move(r));
           },
           "directory"_a, "staging"_a, "num_slots"_a, "queue_depth"_a = 64, "max_io_bytes"_a = uint64_t{4} << 20,
-          "durable"_a = true, "allow_buffered_io"_a = false, "verify_threads"_a = 0, nb::keep_alive<0, 2>())
+          "durable"_a = true, "allow_buffered_io"_a = false, "verify_threads"_a = 0, "taper_reads"_a = true,
+          nb::keep_alive<0, 2>())
       .def("write", &Submit<&NvmeTier::Write>, "keys"_a, "pool_ids"_a)
       .def("read", &Submit<&NvmeTier::Read>, "keys"_a, "pool_ids"_a)
       .def("contains",

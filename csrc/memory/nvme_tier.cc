@@ -25,6 +25,7 @@ constexpr uint32_t kFormatVersion = 1;
 constexpr uint32_t kNoGroup = ~uint32_t{0};
 constexpr uint64_t kGroupHeaders = 64;                     // blocks per header group, at most
 constexpr uint64_t kGroupPayloadBytes = uint64_t{64} << 20;  // payload bytes per header group, at most
+constexpr uint64_t kMinReadWindow = uint64_t{16} << 20;      // Note [Tapering reads]
 
 uint64_t RoundUp(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
@@ -328,6 +329,7 @@ int NvmeTier::BufferIndex(const std::byte* p) const {
 
 void NvmeTier::Enqueue(IoOp* op) {
   std::lock_guard<std::mutex> lock(sq_mu_);
+  if (op->kind == IoOp::Kind::kPayloadRead) read_bytes_outstanding_ += op->len;  // a short read's rest
   backlog_.push_back(op);
 }
 
@@ -335,9 +337,17 @@ void NvmeTier::Pump() {
   std::lock_guard<std::mutex> lock(sq_mu_);
   unsigned prepared = 0;
   while (inflight_ops_ < options_.queue_depth && !backlog_.empty()) {
+    IoOp* op = backlog_.front();
+    // Note [Tapering reads]: in flight, at most half of what is left to read. Checked before an
+    // SQE is taken: a taken SQE is submitted whether or not it was prepared.
+    const bool read = op->kind == IoOp::Kind::kPayloadRead;
+    if (read && options_.taper_reads && read_bytes_inflight_ > 0 &&
+        read_bytes_inflight_ + op->len > std::max(kMinReadWindow, read_bytes_outstanding_ / 2)) {
+      break;
+    }
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (sqe == nullptr) break;
-    IoOp* op = backlog_.front();
+    if (read) read_bytes_inflight_ += op->len;
     backlog_.pop_front();
     const int index = fixed_buffers_ && op->buf != nullptr ? BufferIndex(op->buf) : -1;
     switch (op->kind) {
@@ -388,7 +398,12 @@ void NvmeTier::CompletionLoop() {
     {
       std::lock_guard<std::mutex> lock(sq_mu_);
       for (auto& [op, res] : done) {
-        if (op != nullptr) --inflight_ops_;  // nullptr: the shutdown NOP
+        if (op == nullptr) continue;  // the shutdown NOP
+        --inflight_ops_;
+        if (op->kind == IoOp::Kind::kPayloadRead) {
+          read_bytes_inflight_ -= op->len;
+          read_bytes_outstanding_ -= op->len;
+        }
       }
       stop = stopping_ && inflight_ops_ == 0 && backlog_.empty();
     }
@@ -892,7 +907,10 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Read(std::span<const BlockKey> 
   (void)req.release();  // owned by its ops from here on; Finalize frees it
   {
     std::lock_guard<std::mutex> lock(sq_mu_);
-    for (IoOp* op : order) backlog_.push_back(op);
+    for (IoOp* op : order) {
+      read_bytes_outstanding_ += op->len;
+      backlog_.push_back(op);
+    }
   }
   Pump();
   return state;

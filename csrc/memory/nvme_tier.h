@@ -40,6 +40,18 @@
 // caller's thread hashed each request just before queueing it: the ring got its first requests
 // after the first 8 MiB were hashed and was fed at the hashing rate, which on a machine with
 // slow memory (memcpy ~10 GB/s) is close enough to the disk's to starve it.
+// Note [Tapering reads]: this machine's virtio disk serves requests in rounds: everything queued
+// when a round starts completes together, in a burst, about 100-125 ms later (kernel block
+// trace: 64-68 requests of 4 MiB, 250-262 MiB, per round). The checksums of the last round can
+// only be verified after it arrived, so a 512 MiB read of 2 MiB blocks, which reached the disk
+// in two rounds of ~256 MiB, kept the caller waiting 20-48 ms after its last byte arrived (two
+// verify threads on a loaded 2-core VM), 8-16% of the read; NIXL, which verifies nothing, had
+// no such tail. So a read's payload requests are admitted to the ring only while the bytes in
+// flight stay within half of the read bytes not yet completed (at least kMinReadWindow): rounds
+// halve towards the end of a batch (256, 128, 64, ... MiB), each round's verification overlaps
+// the next round's transfer, and only the last, small round is verified after the last byte.
+// A disk that is not round-based loses nothing while the window holds many requests; the last
+// kMinReadWindow bytes still go out together. taper_reads=false turns it off.
 // Note [Recovery]: Open reads every slot header; a header with a bad checksum or magic marks a
 // free slot; when two slots claim one key the higher generation wins. Payloads are verified
 // lazily, on read.
@@ -77,6 +89,7 @@ struct NvmeTierOptions {
   bool durable = true;                       // fdatasync before acknowledging a write batch
   bool allow_buffered_io = false;            // opt-in for file systems that refuse O_DIRECT
   uint32_t verify_threads = 0;               // threads verifying read checksums (0: one per core, at most 8)
+  bool taper_reads = true;                   // Note [Tapering reads]
 };
 
 struct NvmeTierStats {
@@ -208,6 +221,8 @@ class NvmeTier {
   std::mutex sq_mu_;
   std::deque<IoOp*> backlog_;             // guarded by sq_mu_
   uint32_t inflight_ops_ = 0;             // guarded by sq_mu_
+  uint64_t read_bytes_inflight_ = 0;      // guarded by sq_mu_: payload reads in the ring
+  uint64_t read_bytes_outstanding_ = 0;   // guarded by sq_mu_: payload reads queued or in the ring
   bool stopping_ = false;                 // guarded by sq_mu_
   std::thread completion_thread_;
   std::unique_ptr<ThreadPool> verify_pool_;  // Note [Verifying reads in parallel]

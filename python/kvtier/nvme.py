@@ -64,6 +64,9 @@ class NvmeTier:
         verify_threads: threads that verify read blocks against their checksums (default: one
             per core, at most 8). A disk hands completions back in bursts; verifying a burst on
             several cores keeps the caller from waiting on checksums after the last byte arrived.
+        taper_reads: keep a read's bytes in flight within half of what is left to read (at
+            least 16 MiB), so a disk that answers in rounds returns the last bytes in a small
+            round whose checksums are quick to verify (docs/nvme.md, "Tapering reads").
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class NvmeTier:
         durable: bool = True,
         allow_buffered_io: bool = False,
         verify_threads: int | None = None,
+        taper_reads: bool = True,
     ) -> None:
         if not getattr(_core, "HAVE_NVME", False):
             raise UnavailableError(f"kvtier was built without io_uring: {_core.build_info()['io_uring_why']}")
@@ -103,7 +107,7 @@ class NvmeTier:
         self.directory = os.fspath(directory)
         self._core: Any = _core.NvmeTier.open(
             self.directory, staging._core, int(num_slots), queue_depth, max_io_bytes, durable, allow_buffered_io,
-            int(verify_threads or 0),
+            int(verify_threads or 0), bool(taper_reads),
         )
 
     def _tier(self) -> Any:
