@@ -338,11 +338,11 @@ void NvmeTier::Pump() {
   unsigned prepared = 0;
   while (inflight_ops_ < options_.queue_depth && !backlog_.empty()) {
     IoOp* op = backlog_.front();
-    // Note [Tapering reads]: in flight, at most half of what is left to read. Checked before an
-    // SQE is taken: a taken SQE is submitted whether or not it was prepared.
+    // Note [Tapering reads]: in flight, at most three quarters of what is left to read. Checked
+    // before an SQE is taken: a taken SQE is submitted whether or not it was prepared.
     const bool read = op->kind == IoOp::Kind::kPayloadRead;
     if (read && options_.taper_reads && read_bytes_inflight_ > 0 &&
-        read_bytes_inflight_ + op->len > std::max(kMinReadWindow, read_bytes_outstanding_ / 2)) {
+        read_bytes_inflight_ + op->len > std::max(kMinReadWindow, read_bytes_outstanding_ / 4 * 3)) {
       break;
     }
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
