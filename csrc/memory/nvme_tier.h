@@ -29,7 +29,8 @@
 // (2730 blocks of 192 KiB) plus the fdatasync after the last payload: 8-12 ms of a ~110 ms batch.
 // Note [Checksums beside the payload]: a write batch's payload requests all go to the ring (up to
 // the queue depth) as soon as its slots are claimed; the blocks' XXH3-64 checksums are computed
-// meanwhile on the verify pool, a few MiB per task in submission order. A header needs its
+// meanwhile on the verify pool and the caller's thread, a few MiB per task in submission order
+// (the caller's thread returns once every task is claimed). A header needs its
 // block's checksum, and goes out only after its payload completed anyway, so a header group
 // waits for two events per block (payload written, checksum computed) and the ring never waits
 // for a hash. Both the hash and the disk read the same staging block, which the tier holds
