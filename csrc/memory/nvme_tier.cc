@@ -58,7 +58,7 @@ std::string Errno(int err) { return std::strerror(err); }
 
 double TimedParallelChecksum(const void* data, size_t size_bytes, size_t piece_bytes, int threads) {
   const size_t pieces = piece_bytes == 0 ? 1 : (size_bytes + piece_bytes - 1) / piece_bytes;
-  const size_t workers = std::clamp<size_t>(static_cast<size_t>(std::max(threads, 1)), 1, std::max<size_t>(pieces, 1));
+  const size_t workers = std::min<size_t>(static_cast<size_t>(std::max(threads, 1)), std::max<size_t>(pieces, 1));
   const auto* base = static_cast<const std::byte*>(data);
   std::atomic<uint64_t> sink{0};  // keeps the hashes alive
   auto work = [&](size_t w) {
@@ -521,10 +521,10 @@ void NvmeTier::GroupDone(Request& req) {
 }
 
 void NvmeTier::HashBlocks(Request& req, std::span<const uint32_t> blocks) {
-  // Runs on the verify pool (Note [Checksums beside the payload]). A block's checksum event is
-  // one of the two its header group waits for; once the last one of this task is counted, req
-  // may be finished by another thread, so nothing of req is touched after it (`blocks` is the
-  // task's own copy).
+  // Runs on the verify pool or the writer's thread (Note [Checksums beside the payload]). A
+  // block's checksum event is one of the two its header group waits for; once the last one of
+  // this task is counted, req may be finished by another thread, so nothing of req is touched
+  // after it (`blocks` is the task list's, which outlives req).
   for (const uint32_t b : blocks) {
     req.checksums[b] = Checksum64(staging_.block_ptr(req.pool_ids[b]), options_.block_bytes);
     const uint32_t g = req.group_of[b];
@@ -813,8 +813,9 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey>
   active_requests_.fetch_add(1);
   Request* raw = req.release();
   // Note [Checksums beside the payload]: every payload op goes to the ring now, and the blocks'
-  // checksums are computed on the verify pool and the caller's thread while the disk writes them. A block's checksum is
-  // needed only by its header, which waits for both (Note [Header groups]).
+  // checksums are computed on the verify pool and the caller's thread while the disk writes
+  // them. A block's checksum is needed only by its header, which waits for both (Note [Header
+  // groups]).
   // Once the last hash task is posted the request may finish (and be freed) on another thread,
   // so everything the caller's thread needs from *raw is taken before.
   const uint64_t inject_every = inject_staging_every_.load();
