@@ -150,6 +150,98 @@ def test_parallel_verification_finds_exactly_the_corrupt_blocks(tmp_path: Path, 
     tier.close()
 
 
+@pytest.mark.parametrize("after_write", [False, True], ids=["hashed-changed-written", "written-changed-hashed"])
+def test_checksum_and_payload_from_different_bytes_is_a_miss(tmp_path: Path, after_write: bool) -> None:
+    """Note [Checksums beside the payload]: a checksum is computed apart from the payload write
+    (on the verify pool, while the disk writes). A staging block changed between the two (a
+    caller writing through a raw pointer) leaves a header whose checksum is not that of the bytes
+    on disk: each such block must be a counted miss, every other block intact, after a restart
+    too, and the write itself still succeeds (it cannot tell)."""
+    pool = kvtier.HostPool(64 * 1024, num_blocks=40)
+    ids = pool.allocate(40)
+    data = fill(pool, ids, seed=23)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=40, max_io_bytes=256 << 10)
+    tier.inject_staging_change(7, after_write=after_write)  # positions 6, 13, 20, 27, 34
+    keys = np.arange(500, 540)
+    tier.write(keys, ids).wait()
+    tier.inject_staging_change(0)
+    bad = {6, 13, 20, 27, 34}
+    changed = [i for i in range(40) if (pool.view()[ids[i]] != data[i]).any()]
+    assert changed == sorted(bad)  # the switch changed exactly those staging blocks, by one byte
+    assert tier.contains(keys).all()
+    tier.close()
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=40, max_io_bytes=256 << 10)
+    assert tier.contains(keys).all()  # headers are valid: only the payload check can tell
+    pool.view()[ids] = 0
+    h = tier.read(keys[::-1], ids[::-1])  # any order
+    h.wait()
+    missed = {39 - i for i, ok in enumerate(h.block_ok.tolist()) if not ok}
+    assert missed == bad
+    for i in set(range(40)) - bad:
+        np.testing.assert_array_equal(pool.view()[ids[i]], data[i])
+    s = tier.stats()
+    assert s["corrupt_blocks"] == 5 and s["read_hits"] == 35
+    assert not tier.contains(keys[sorted(bad)]).any()
+    tier.close()
+
+
+def test_checksums_beside_the_payload_round_trip_large_batches(tmp_path: Path) -> None:
+    """Several hash tasks and header groups racing the payload completions: every block of a
+    batch comes back byte-exact, the tier can be reopened at once, and a rewrite of the same
+    slots (new keys) replaces them."""
+    pool = kvtier.HostPool(96 * 1024, num_blocks=400)
+    ids = pool.allocate(400)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=400, verify_threads=3)
+    for round_ in range(3):
+        data = fill(pool, ids, seed=100 + round_)
+        keys = np.arange(1, 401) + 1000 * round_
+        handles = [tier.write(keys[:150], ids[:150]), tier.write(keys[150:], ids[150:])]
+        for h in handles:
+            h.wait()
+        pool.view()[ids] = 0
+        h = tier.read(keys, ids)
+        h.wait()
+        assert h.block_ok.all()
+        np.testing.assert_array_equal(pool.view()[ids], data)
+        tier.evict(keys)
+    assert tier.stats()["corrupt_blocks"] == 0 and tier.stats()["blocks_written"] == 1200
+    tier.close()
+
+
+@pytest.mark.parametrize("taper", [True, False])
+def test_tapered_reads_deliver_every_block_once(tmp_path: Path, taper: bool) -> None:
+    """Note [Tapering reads]: 72 MiB read in 1 MiB requests, so the in-flight window (half of
+    what is left, at least 16 MiB) holds back requests many times over; reads racing a write,
+    every block byte-exact, the stats exact, and nothing left hanging."""
+    pool = kvtier.HostPool(1 << 20, num_blocks=80)
+    ids = pool.allocate(80)
+    data = fill(pool, ids, seed=31)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=80, queue_depth=64, max_io_bytes=1 << 20, taper_reads=taper)
+    keys = np.arange(1, 73)
+    tier.write(keys, ids[:72]).wait(timeout=60)
+    rng = np.random.default_rng(7)
+    for round_ in range(1, 4):
+        order = rng.permutation(72)
+        pool.view()[ids[:72]] = 0
+        h = tier.read(keys[order], ids[:72][order])
+        w = tier.write(np.arange(1000 + 8 * round_, 1008 + 8 * round_), ids[72:])  # a write in between
+        h.wait(timeout=60)
+        w.wait(timeout=60)
+        assert h.block_ok.all()
+        np.testing.assert_array_equal(pool.view()[ids[:72]], data[:72])
+        s = tier.stats()
+        assert s["read_hits"] == 72 * round_ and s["read_misses"] == 0 and s["corrupt_blocks"] == 0
+        tier.evict(np.arange(1000 + 8 * round_, 1008 + 8 * round_))
+    tier.close()
+
+
+def test_inject_staging_change_refuses_bad_input(tmp_path: Path, pool: kvtier.HostPool) -> None:
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=4)
+    with pytest.raises(kvtier.InvalidArgumentError, match="every_nth"):
+        tier.inject_staging_change(-1)
+    tier.close()
+
+
 def test_corrupt_header_is_not_recovered(tmp_path: Path, pool: kvtier.HostPool) -> None:
     ids = pool.allocate(2)
     fill(pool, ids, seed=6)
@@ -396,3 +488,30 @@ def test_registered_kv_to_nvme_and_back(tmp_path: Path) -> None:
         assert torch.equal(d[0].view(torch.int16), s[17].view(torch.int16))
         assert torch.equal(d[2].view(torch.int16), s[3].view(torch.int16))
         assert not d[1].any()  # the miss left its block untouched
+
+
+def test_bench_nvme_records_memory_speed_beside_the_disk(tmp_path: Path) -> None:
+    """Note [Memory speed beside the disk]: a run records memcpy and XXH3 speed per case and in
+    its machine section, and each case's hash share is hashing time over kvtier's time."""
+    from kvtier.benchmarks import nvme as bench
+
+    report = bench.run(directory=str(tmp_path / "d"), size_mib=4, reps=1, cases="192KiB read", progress=False)
+    (r,) = report["results"]
+    mem = r["memory"]
+    assert mem["buffer_bytes"] == r["blocks"] * r["block_bytes"]
+    assert mem["memcpy_gbps"] > 0 and mem["xxh3_gbps"] > 0 and mem["xxh3_threads_gbps"] > 0
+    assert mem["xxh3_threads"] == bench.nvme_verify_threads()
+    assert r["hash_share"] == pytest.approx(r["kvtier_gbps"] / mem["xxh3_threads_gbps"], rel=0.02)
+    m = report["machine"]["memory"]
+    assert m["memcpy_gbps"] == mem["memcpy_gbps"] and m["xxh3_threads_gbps"] == mem["xxh3_threads_gbps"]
+
+
+def test_timed_checksum_hashes_the_whole_buffer() -> None:
+    # 64 MiB hashed in 2 MiB pieces must take measurable time, and longer than 1 MiB of it does
+    # (the whole buffer is hashed, not one piece per thread).
+    big = np.ones(64 << 20, dtype=np.uint8)
+    t_big = min(_core.timed_checksum(big, 2 << 20, 2) for _ in range(3))
+    t_small = min(_core.timed_checksum(big[: 1 << 20], 2 << 20, 2) for _ in range(3))
+    assert t_big > 8 * t_small > 0
+    with pytest.raises(kvtier.InvalidArgumentError, match="piece_bytes"):
+        _core.timed_checksum(big, 0, 1)

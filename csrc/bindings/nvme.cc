@@ -26,11 +26,22 @@ std::shared_ptr<TransferState> Submit(NvmeTier& t, KeyArray keys, IdArray ids) {
 void BindNvme(nb::module_& m) {
   using namespace nb::literals;
   m.attr("HAVE_NVME") = true;
+  m.def(
+      "timed_checksum",
+      [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> data, uint64_t piece_bytes,
+         int threads) {
+        if (piece_bytes == 0) ThrowIfError(InvalidArgument("timed_checksum: piece_bytes must be > 0"));
+        nb::gil_scoped_release nogil;
+        return TimedParallelChecksum(data.data(), data.shape(0), piece_bytes, threads);
+      },
+      "data"_a, "piece_bytes"_a, "threads"_a = 1,
+      "Seconds to XXH3-64 `data` in pieces of `piece_bytes` over `threads` threads (the NVMe tier's checksum).");
   nb::class_<NvmeTier>(m, "NvmeTier")
       .def_static(
           "open",
           [](const std::string& directory, HostPool& staging, uint32_t num_slots, uint32_t queue_depth,
-             uint64_t max_io_bytes, bool durable, bool allow_buffered_io, uint32_t verify_threads) {
+             uint64_t max_io_bytes, bool durable, bool allow_buffered_io, uint32_t verify_threads,
+             bool taper_reads) {
             NvmeTierOptions o;
             o.directory = directory;
             o.block_bytes = staging.block_bytes();
@@ -40,6 +51,7 @@ void BindNvme(nb::module_& m) {
             o.durable = durable;
             o.allow_buffered_io = allow_buffered_io;
             o.verify_threads = verify_threads;
+            o.taper_reads = taper_reads;
             Result<std::unique_ptr<NvmeTier>> r = [&] {
               nb::gil_scoped_release nogil;
               return NvmeTier::Open(o, staging);
@@ -47,7 +59,8 @@ void BindNvme(nb::module_& m) {
             return Unwrap(std::move(r));
           },
           "directory"_a, "staging"_a, "num_slots"_a, "queue_depth"_a = 64, "max_io_bytes"_a = uint64_t{4} << 20,
-          "durable"_a = true, "allow_buffered_io"_a = false, "verify_threads"_a = 0, nb::keep_alive<0, 2>())
+          "durable"_a = true, "allow_buffered_io"_a = false, "verify_threads"_a = 0, "taper_reads"_a = true,
+          nb::keep_alive<0, 2>())
       .def("write", &Submit<&NvmeTier::Write>, "keys"_a, "pool_ids"_a)
       .def("read", &Submit<&NvmeTier::Read>, "keys"_a, "pool_ids"_a)
       .def("contains",
@@ -76,6 +89,7 @@ void BindNvme(nb::module_& m) {
              t.Drain();
            })
       .def("inject_io_errors", &NvmeTier::InjectIoErrors, "every_nth"_a)
+      .def("inject_staging_change", &NvmeTier::InjectStagingChange, "every_nth"_a, "after_write"_a = false)
       .def_prop_ro("block_bytes", &NvmeTier::block_bytes)
       .def_prop_ro("payload_bytes", &NvmeTier::payload_bytes)
       .def("header_offset", &NvmeTier::header_offset, "slot"_a, "File offset of a slot's header.")

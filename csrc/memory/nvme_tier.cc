@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <unordered_set>
@@ -24,6 +25,7 @@ constexpr uint32_t kFormatVersion = 1;
 constexpr uint32_t kNoGroup = ~uint32_t{0};
 constexpr uint64_t kGroupHeaders = 64;                     // blocks per header group, at most
 constexpr uint64_t kGroupPayloadBytes = uint64_t{64} << 20;  // payload bytes per header group, at most
+constexpr uint64_t kMinReadWindow = uint64_t{16} << 20;      // Note [Tapering reads]
 
 uint64_t RoundUp(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
@@ -54,6 +56,27 @@ std::string Errno(int err) { return std::strerror(err); }
 
 }  // namespace
 
+double TimedParallelChecksum(const void* data, size_t size_bytes, size_t piece_bytes, int threads) {
+  const size_t pieces = piece_bytes == 0 ? 1 : (size_bytes + piece_bytes - 1) / piece_bytes;
+  const size_t workers = std::min<size_t>(static_cast<size_t>(std::max(threads, 1)), std::max<size_t>(pieces, 1));
+  const auto* base = static_cast<const std::byte*>(data);
+  std::atomic<uint64_t> sink{0};  // keeps the hashes alive
+  auto work = [&](size_t w) {
+    uint64_t acc = 0;
+    for (size_t p = w; p < pieces; p += workers) {
+      const size_t off = p * piece_bytes;
+      acc ^= Checksum64(base + off, std::min(piece_bytes, size_bytes - off));
+    }
+    sink.fetch_xor(acc);
+  };
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> pool;
+  for (size_t w = 1; w < workers; ++w) pool.emplace_back(work, w);
+  work(0);
+  for (auto& t : pool) t.join();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 struct NvmeTier::Request {
   bool is_write = false;
   std::vector<BlockKey> keys;
@@ -66,12 +89,17 @@ struct NvmeTier::Request {
   std::vector<uint8_t> active;  // block has I/O in this request (not skipped / missed)
   std::vector<IoOp> ops;        // stable storage: reserved up front, never reallocated
   std::atomic<uint32_t> blocks_left{0};  // reads: blocks not yet verified
-  // Writes: header groups (Note [Header groups]), all touched by the completion thread only.
+  bool hash_on_completion = false;  // test switch: InjectStagingChange(.., after_write=true)
+  // Writes: header groups (Note [Header groups]). The positions are fixed before I/O starts.
   std::vector<uint32_t> group_of;       // request position -> its group (kNoGroup: not written)
   std::vector<uint32_t> group_begin;    // group g covers positions [group_begin[g], group_end[g])
   std::vector<uint32_t> group_end;
-  std::vector<uint32_t> group_pending;  // per group: payloads not yet complete, then header ops
-  uint32_t groups_left = 0;             // groups whose headers are not yet on disk
+  // Per group: events still due before its headers go out (each written block's payload
+  // completing and its checksum being computed, Note [Checksums beside the payload]), then its
+  // header ops still in flight. Touched by the completion thread and the verify pool.
+  std::unique_ptr<std::atomic<uint32_t>[]> group_pending;
+  std::atomic<uint32_t> groups_left{0};  // groups whose headers are not yet on disk
+  std::mutex ops_mu;  // writes: appends to ops (header ops, the fdatasync) once I/O started
   std::byte* headers = nullptr; // 4 KiB per request position, for header writes
   ~Request() { free(headers); }
   std::mutex err_mu;
@@ -301,6 +329,7 @@ int NvmeTier::BufferIndex(const std::byte* p) const {
 
 void NvmeTier::Enqueue(IoOp* op) {
   std::lock_guard<std::mutex> lock(sq_mu_);
+  if (op->kind == IoOp::Kind::kPayloadRead) read_bytes_outstanding_ += op->len;  // a short read's rest
   backlog_.push_back(op);
 }
 
@@ -308,9 +337,17 @@ void NvmeTier::Pump() {
   std::lock_guard<std::mutex> lock(sq_mu_);
   unsigned prepared = 0;
   while (inflight_ops_ < options_.queue_depth && !backlog_.empty()) {
+    IoOp* op = backlog_.front();
+    // Note [Tapering reads]: in flight, at most three quarters of what is left to read. Checked
+    // before an SQE is taken: a taken SQE is submitted whether or not it was prepared.
+    const bool read = op->kind == IoOp::Kind::kPayloadRead;
+    if (read && options_.taper_reads && read_bytes_inflight_ > 0 &&
+        read_bytes_inflight_ + op->len > std::max(kMinReadWindow, read_bytes_outstanding_ / 4 * 3)) {
+      break;
+    }
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (sqe == nullptr) break;
-    IoOp* op = backlog_.front();
+    if (read) read_bytes_inflight_ += op->len;
     backlog_.pop_front();
     const int index = fixed_buffers_ && op->buf != nullptr ? BufferIndex(op->buf) : -1;
     switch (op->kind) {
@@ -361,7 +398,12 @@ void NvmeTier::CompletionLoop() {
     {
       std::lock_guard<std::mutex> lock(sq_mu_);
       for (auto& [op, res] : done) {
-        if (op != nullptr) --inflight_ops_;  // nullptr: the shutdown NOP
+        if (op == nullptr) continue;  // the shutdown NOP
+        --inflight_ops_;
+        if (op->kind == IoOp::Kind::kPayloadRead) {
+          read_bytes_inflight_ -= op->len;
+          read_bytes_outstanding_ -= op->len;
+        }
       }
       stop = stopping_ && inflight_ops_ == 0 && backlog_.empty();
     }
@@ -420,6 +462,7 @@ void NvmeTier::OnOpDone(IoOp* op, int res) {
         // chunks_left is only touched by this thread.
         if (--req.chunks_left[b] != 0) continue;
         if (req.is_write) {
+          if (req.hash_on_completion) HashAfterWrite(req, b);  // test switch only
           BlockDone(req, b, req.ok[b] != 0);
         } else {
           whole.push_back(b);
@@ -477,6 +520,26 @@ void NvmeTier::GroupDone(Request& req) {
   if (--req.groups_left == 0) RequestIoDone(req);  // every header of the batch is written
 }
 
+void NvmeTier::HashBlocks(Request& req, std::span<const uint32_t> blocks) {
+  // Runs on the verify pool or the writer's thread (Note [Checksums beside the payload]). A
+  // block's checksum event is one of the two its header group waits for; once the last one of
+  // this task is counted, req may be finished by another thread, so nothing of req is touched
+  // after it (`blocks` is the task list's, which outlives req).
+  for (const uint32_t b : blocks) {
+    req.checksums[b] = Checksum64(staging_.block_ptr(req.pool_ids[b]), options_.block_bytes);
+    const uint32_t g = req.group_of[b];
+    if (--req.group_pending[g] == 0) StartHeaders(req, g);
+  }
+}
+
+void NvmeTier::HashAfterWrite(Request& req, uint32_t b) {
+  // Test switch (InjectStagingChange, after_write): the staging block changes after its payload
+  // reached the disk and before it is hashed. Runs on the completion thread.
+  if (InjectSelects(b)) *staging_.block_ptr(req.pool_ids[b]) ^= std::byte{0xFF};
+  req.checksums[b] = Checksum64(staging_.block_ptr(req.pool_ids[b]), options_.block_bytes);
+  --req.group_pending[req.group_of[b]];  // never the last event: the payload's follows
+}
+
 void NvmeTier::StartHeaders(Request& req, uint32_t group) {
   // One header per block of the group whose payload made it, merged into one request per run
   // of consecutive slots (their headers are adjacent in the table and in req.headers). req.ops
@@ -501,6 +564,9 @@ void NvmeTier::StartHeaders(Request& req, uint32_t group) {
       last->len += static_cast<uint32_t>(kHeaderBytes);
       continue;
     }
+    // Groups may start on different threads (the completion thread, a verify thread): appends
+    // to req.ops are serialized; the room was reserved by Write, so queued ops never move.
+    std::lock_guard<std::mutex> lock(req.ops_mu);
     req.ops.push_back(IoOp{IoOp::Kind::kHeaderWrite, b, 1, &req, req.headers + uint64_t(b) * kHeaderBytes,
                            static_cast<uint32_t>(kHeaderBytes), header_offset(req.slots[b])});
     ops.push_back(&req.ops.back());
@@ -509,12 +575,13 @@ void NvmeTier::StartHeaders(Request& req, uint32_t group) {
     GroupDone(req);
     return;
   }
-  req.group_pending[group] = static_cast<uint32_t>(ops.size());
+  req.group_pending[group].store(static_cast<uint32_t>(ops.size()));
   {
     // Ahead of queued payloads: headers are small, and the batch's tail waits on the last ones.
     std::lock_guard<std::mutex> lock(sq_mu_);
     backlog_.insert(backlog_.begin(), ops.begin(), ops.end());
   }
+  Pump();  // req may be finished (and freed) from here on: not touched again
 }
 
 void NvmeTier::AssignHeaderGroups(Request& req) const {
@@ -523,29 +590,39 @@ void NvmeTier::AssignHeaderGroups(Request& req) const {
   const uint32_t n = static_cast<uint32_t>(req.keys.size());
   const uint64_t per_group = std::max<uint64_t>(1, std::min<uint64_t>(kGroupHeaders, kGroupPayloadBytes / payload_bytes_));
   req.group_of.assign(n, kNoGroup);
+  std::vector<uint32_t> blocks_in;
   uint64_t in_group = per_group;  // full: the first written block opens group 0
   for (uint32_t b = 0; b < n; ++b) {
     if (!req.active[b]) continue;
     if (in_group == per_group) {
       req.group_begin.push_back(b);
       req.group_end.push_back(b);
-      req.group_pending.push_back(0);
+      blocks_in.push_back(0);
       in_group = 0;
     }
     const uint32_t g = static_cast<uint32_t>(req.group_begin.size() - 1);
     req.group_of[b] = g;
     req.group_end[g] = b + 1;
-    ++req.group_pending[g];
+    ++blocks_in[g];
     ++in_group;
   }
-  req.groups_left = static_cast<uint32_t>(req.group_begin.size());
+  // Two events per block: its payload written, its checksum computed.
+  req.group_pending = std::make_unique<std::atomic<uint32_t>[]>(blocks_in.size());
+  for (size_t g = 0; g < blocks_in.size(); ++g) req.group_pending[g].store(2 * blocks_in[g]);
+  req.groups_left.store(static_cast<uint32_t>(req.group_begin.size()));
 }
 
 void NvmeTier::RequestIoDone(Request& req) {
   const bool any_written = req.is_write && std::any_of(req.ok.begin(), req.ok.end(), [](uint8_t v) { return v; });
   if (any_written && options_.durable) {
-    req.ops.push_back(IoOp{IoOp::Kind::kFsync, 0, 0, &req, nullptr, 0, 0});
-    Enqueue(&req.ops.back());  // Finalize runs on its completion
+    IoOp* op;
+    {
+      std::lock_guard<std::mutex> lock(req.ops_mu);
+      req.ops.push_back(IoOp{IoOp::Kind::kFsync, 0, 0, &req, nullptr, 0, 0});
+      op = &req.ops.back();
+    }
+    Enqueue(op);  // Finalize runs on its completion
+    Pump();       // this may run on a verify thread (a group with no header to write)
     return;
   }
   Finalize(req);
@@ -735,31 +812,62 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Write(std::span<const BlockKey>
   AssignHeaderGroups(*req);
   active_requests_.fetch_add(1);
   Request* raw = req.release();
-  // Checksum each request's blocks just before it is queued, so the disk starts on the first
-  // requests while the caller's thread (GIL released) hashes the rest. A block's checksum is
-  // needed only by its header, which is written after its own payload completed (and so after
-  // the payload was queued, which happens after the checksum below).
-  // Once the last op is queued the completion thread may finish the request (and free it), so
-  // nothing of *raw is touched after the last Enqueue.
-  constexpr uint64_t kPumpEveryBytes = uint64_t{8} << 20;
-  std::vector<IoOp*> ops;
-  ops.reserve(raw->ops.size());
-  for (IoOp& op : raw->ops) ops.push_back(&op);
-  uint64_t since_pump = 0;
-  for (IoOp* op : ops) {
-    if (op->buf == staging_.block_ptr(raw->pool_ids[op->first])) {  // the first chunk of its blocks
-      for (uint32_t b = op->first; b < op->first + op->count; ++b) {
-        raw->checksums[b] = Checksum64(staging_.block_ptr(raw->pool_ids[b]), options_.block_bytes);
-      }
+  // Note [Checksums beside the payload]: every payload op goes to the ring now, and the blocks'
+  // checksums are computed on the verify pool and the caller's thread while the disk writes
+  // them. A block's checksum is needed only by its header, which waits for both (Note [Header
+  // groups]).
+  // Once the last hash task is posted the request may finish (and be freed) on another thread,
+  // so everything the caller's thread needs from *raw is taken before.
+  const uint64_t inject_every = inject_staging_every_.load();
+  const bool after_write = inject_after_write_.load();
+  raw->hash_on_completion = inject_every > 0 && after_write;
+  std::vector<std::vector<uint32_t>> tasks;
+  if (inject_every > 0 && !after_write) {
+    // Test switch (InjectStagingChange): hash first, then change the staging block, then write.
+    for (const uint32_t b : fresh) {
+      raw->checksums[b] = Checksum64(staging_.block_ptr(raw->pool_ids[b]), options_.block_bytes);
+      --raw->group_pending[raw->group_of[b]];  // nothing is submitted yet: never the last event
+      if (InjectSelects(b)) *staging_.block_ptr(raw->pool_ids[b]) ^= std::byte{0xFF};
     }
-    since_pump += op->len;
-    Enqueue(op);
-    if (since_pump >= kPumpEveryBytes) {
-      Pump();
-      since_pump = 0;
+  } else if (!raw->hash_on_completion) {
+    // In submission order, a few MiB per task, so the first groups' checksums come first and
+    // the pool's threads share the batch.
+    constexpr uint64_t kHashTaskBytes = uint64_t{8} << 20;
+    uint64_t bytes = kHashTaskBytes;
+    for (const uint32_t b : fresh) {
+      if (bytes >= kHashTaskBytes) {
+        tasks.emplace_back();
+        bytes = 0;
+      }
+      tasks.back().push_back(b);
+      bytes += payload_bytes_;
     }
   }
+  {
+    std::lock_guard<std::mutex> lock(sq_mu_);
+    for (IoOp& op : raw->ops) backlog_.push_back(&op);
+  }
   Pump();
+  if (tasks.empty()) return state;
+  // The caller's thread hashes too, beside the pool's: each thread claims the next task in
+  // order. On a loaded machine the pool's threads may wait for a core while the caller's thread
+  // has one; a block trace showed a batch's last headers trickling out 200 ms after its payloads
+  // when only the pool hashed. Once a thread finds no task left it touches nothing of *raw (the
+  // request may be finished by then); the shared list outlives it.
+  struct HashWork {
+    std::vector<std::vector<uint32_t>> tasks;
+    std::atomic<size_t> next{0};
+  };
+  auto work = std::make_shared<HashWork>();
+  work->tasks = std::move(tasks);
+  auto run = [this, raw, work] {
+    for (size_t i = work->next.fetch_add(1); i < work->tasks.size(); i = work->next.fetch_add(1)) {
+      HashBlocks(*raw, work->tasks[i]);
+    }
+  };
+  const size_t helpers = std::min<size_t>(verify_pool_->size(), work->tasks.size() - 1);
+  for (size_t i = 0; i < helpers; ++i) verify_pool_->Post(run);
+  run();
   return state;
 }
 
@@ -817,7 +925,10 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Read(std::span<const BlockKey> 
   (void)req.release();  // owned by its ops from here on; Finalize frees it
   {
     std::lock_guard<std::mutex> lock(sq_mu_);
-    for (IoOp* op : order) backlog_.push_back(op);
+    for (IoOp* op : order) {
+      read_bytes_outstanding_ += op->len;
+      backlog_.push_back(op);
+    }
   }
   Pump();
   return state;

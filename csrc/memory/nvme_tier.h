@@ -27,6 +27,32 @@
 // overlap the rest of the batch's payloads and only the last group's headers, then the
 // fdatasync, follow the last payload. Waiting for the whole batch first left 10.7 MiB of headers
 // (2730 blocks of 192 KiB) plus the fdatasync after the last payload: 8-12 ms of a ~110 ms batch.
+// Note [Checksums beside the payload]: a write batch's payload requests all go to the ring (up to
+// the queue depth) as soon as its slots are claimed; the blocks' XXH3-64 checksums are computed
+// meanwhile on the verify pool and the caller's thread, a few MiB per task in submission order
+// (the caller's thread returns once every task is claimed). A header needs its
+// block's checksum, and goes out only after its payload completed anyway, so a header group
+// waits for two events per block (payload written, checksum computed) and the ring never waits
+// for a hash. Both the hash and the disk read the same staging block, which the tier holds
+// (read-acquired) from Write until the handle completes: nothing in kvtier changes it in
+// between. Were it changed anyway (a caller writing through a raw pointer), the bytes hashed and
+// the bytes written differ, in whichever order the two happened, and the first read fails the
+// checksum: a miss, never wrong bytes (InjectStagingChange tests both orders). Before, the
+// caller's thread hashed each request just before queueing it: the ring got its first requests
+// after the first 8 MiB were hashed and was fed at the hashing rate, which on a machine with
+// slow memory (memcpy ~10 GB/s) is close enough to the disk's to starve it.
+// Note [Tapering reads]: this machine's virtio disk serves requests in rounds: everything queued
+// when a round starts completes together, in a burst, about 100-125 ms later (kernel block
+// trace: 64-68 requests of 4 MiB, 250-262 MiB, per round). The checksums of the last round can
+// only be verified after it arrived, so a 512 MiB read of 2 MiB blocks, which reached the disk
+// in two rounds of ~256 MiB, kept the caller waiting 20-48 ms after its last byte arrived (two
+// verify threads on a loaded 2-core VM), 8-16% of the read; NIXL, which verifies nothing, had
+// no such tail. So a read's payload requests are admitted to the ring only while the bytes in
+// flight stay within half of the read bytes not yet completed (at least kMinReadWindow): rounds
+// halve towards the end of a batch (256, 128, 64, ... MiB), each round's verification overlaps
+// the next round's transfer, and only the last, small round is verified after the last byte.
+// A disk that is not round-based loses nothing while the window holds many requests; the last
+// kMinReadWindow bytes still go out together. taper_reads=false turns it off.
 // Note [Recovery]: Open reads every slot header; a header with a bad checksum or magic marks a
 // free slot; when two slots claim one key the higher generation wins. Payloads are verified
 // lazily, on read.
@@ -64,6 +90,7 @@ struct NvmeTierOptions {
   bool durable = true;                       // fdatasync before acknowledging a write batch
   bool allow_buffered_io = false;            // opt-in for file systems that refuse O_DIRECT
   uint32_t verify_threads = 0;               // threads verifying read checksums (0: one per core, at most 8)
+  bool taper_reads = true;                   // Note [Tapering reads]
 };
 
 struct NvmeTierStats {
@@ -82,6 +109,12 @@ struct NvmeTierStats {
   uint64_t evicted_blocks = 0;
   uint64_t fsyncs = 0;
 };
+
+// Seconds to XXH3-64 (Checksum64, the tier's payload checksum) `size_bytes` at `data`, split
+// evenly over `threads` threads in pieces of `piece_bytes` (a block: the unit the tier hashes).
+// `kvtier bench nvme` records this beside memcpy's speed (the machine section), so a reader sees
+// whether hashing or the disk bound a case.
+double TimedParallelChecksum(const void* data, size_t size_bytes, size_t piece_bytes, int threads);
 
 class NvmeTier {
  public:
@@ -107,6 +140,15 @@ class NvmeTier {
   void Drain();
   // Test switch: every every_nth payload/header operation completes with -EIO (0: off).
   void InjectIoErrors(uint64_t every_nth) noexcept { inject_every_.store(every_nth); }
+  // Test switch: in every write batch, the staging block at every every_nth-th position
+  // (positions every_nth-1, 2*every_nth-1, ...) gets its first byte flipped between its checksum
+  // and its payload write: hashed first, then changed, then written (after_write=false), or
+  // written first, then changed, then hashed (true). Either way the header's checksum no longer
+  // matches the payload on disk, and a read must report the block as corrupt. 0: off.
+  void InjectStagingChange(uint64_t every_nth, bool after_write) noexcept {
+    inject_after_write_.store(after_write);
+    inject_staging_every_.store(every_nth);
+  }
 
   uint64_t block_bytes() const noexcept { return options_.block_bytes; }
   uint64_t payload_bytes() const noexcept { return payload_bytes_; }
@@ -149,6 +191,12 @@ class NvmeTier {
   void OnOpDone(IoOp* op, int res);
   void BlockDone(Request& req, uint32_t block, bool ok);
   void VerifyBlocks(Request& req, std::span<const uint32_t> blocks);
+  void HashBlocks(Request& req, std::span<const uint32_t> blocks);
+  void HashAfterWrite(Request& req, uint32_t block);
+  bool InjectSelects(uint32_t position) const noexcept {
+    const uint64_t every = inject_staging_every_.load();
+    return every > 0 && (uint64_t{position} + 1) % every == 0;
+  }
   void BuildPayloadOps(Request& req, IoOp::Kind kind);
   void AssignHeaderGroups(Request& req) const;
   void StartHeaders(Request& req, uint32_t group);
@@ -174,6 +222,8 @@ class NvmeTier {
   std::mutex sq_mu_;
   std::deque<IoOp*> backlog_;             // guarded by sq_mu_
   uint32_t inflight_ops_ = 0;             // guarded by sq_mu_
+  uint64_t read_bytes_inflight_ = 0;      // guarded by sq_mu_: payload reads in the ring
+  uint64_t read_bytes_outstanding_ = 0;   // guarded by sq_mu_: payload reads queued or in the ring
   bool stopping_ = false;                 // guarded by sq_mu_
   std::thread completion_thread_;
   std::unique_ptr<ThreadPool> verify_pool_;  // Note [Verifying reads in parallel]
@@ -184,7 +234,8 @@ class NvmeTier {
   uint64_t next_generation_ = 1;  // guarded by index_mu_
 
   std::atomic<uint64_t> active_requests_{0};
-  std::atomic<uint64_t> op_counter_{0}, inject_every_{0};
+  std::atomic<uint64_t> op_counter_{0}, inject_every_{0}, inject_staging_every_{0};
+  std::atomic<bool> inject_after_write_{false};
   std::atomic<uint64_t> blocks_written_{0}, dedup_{0}, write_errors_{0}, read_hits_{0}, read_misses_{0},
       corrupt_{0}, read_errors_{0}, bytes_written_{0}, bytes_read_{0}, recovered_{0}, evicted_{0}, fsyncs_{0};
 };

@@ -64,6 +64,9 @@ class NvmeTier:
         verify_threads: threads that verify read blocks against their checksums (default: one
             per core, at most 8). A disk hands completions back in bursts; verifying a burst on
             several cores keeps the caller from waiting on checksums after the last byte arrived.
+        taper_reads: keep a read's bytes in flight within half of what is left to read (at
+            least 16 MiB), so a disk that answers in rounds returns the last bytes in a small
+            round whose checksums are quick to verify (docs/nvme.md, "Tapering reads").
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class NvmeTier:
         durable: bool = True,
         allow_buffered_io: bool = False,
         verify_threads: int | None = None,
+        taper_reads: bool = True,
     ) -> None:
         if not getattr(_core, "HAVE_NVME", False):
             raise UnavailableError(f"kvtier was built without io_uring: {_core.build_info()['io_uring_why']}")
@@ -103,7 +107,7 @@ class NvmeTier:
         self.directory = os.fspath(directory)
         self._core: Any = _core.NvmeTier.open(
             self.directory, staging._core, int(num_slots), queue_depth, max_io_bytes, durable, allow_buffered_io,
-            int(verify_threads or 0),
+            int(verify_threads or 0), bool(taper_reads),
         )
 
     def _tier(self) -> Any:
@@ -156,6 +160,15 @@ class NvmeTier:
     def inject_io_errors(self, every_nth: int) -> None:
         """Test switch: every ``every_nth``-th I/O operation fails with EIO (0: off)."""
         self._tier().inject_io_errors(int(every_nth))
+
+    def inject_staging_change(self, every_nth: int, after_write: bool = False) -> None:
+        """Test switch: in each write batch, the staging block at every ``every_nth``-th position
+        has its first byte flipped between its checksum and its payload write (hashed, changed,
+        then written; or with ``after_write``: written, changed, then hashed). Reads of those
+        blocks must then fail their checksum. 0: off."""
+        if isinstance(every_nth, bool) or not isinstance(every_nth, (int, np.integer)) or every_nth < 0:
+            raise InvalidArgumentError(f"every_nth must be an int >= 0, got {every_nth!r}")
+        self._tier().inject_staging_change(int(every_nth), bool(after_write))
 
     def close(self) -> None:
         """Wait for pending I/O and release the directory (another NvmeTier may then open it)."""

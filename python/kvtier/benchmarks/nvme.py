@@ -24,6 +24,19 @@ ratios, and a distribution-free 95% interval of that median (order statistics; s
 least). The verdict is ``faster`` or ``slower`` when the interval lies wholly above or below 1.0,
 and ``parity`` when it holds 1.0, i.e. the rounds cannot tell the two apart; more ``--reps``
 narrow the interval.
+
+Note [Memory speed beside the disk]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+What the tier does that the peers do not (an XXH3-64 over every payload, on both ways) costs
+memory bandwidth, and a machine's memory speed varies more than its disk: on one fresh VM of
+this project's kind memcpy of 512 MiB ran at 10-12 GB/s, on another at 22-24. So before every
+case the run times, on a buffer of the case's size (larger than the caches): a plain memcpy
+(one thread), XXH3 in the case's block-size pieces on one thread, and on as many threads as the
+tier verifies and hashes with. Each case records them (``memory``) together with ``hash_share``:
+the time hashing the case's bytes takes on those threads over kvtier's median time for the case.
+A share near 1 would mean hashing alone could bound the case; a small share means the disk did.
+The JSON's ``machine`` section keeps the medians over the run's cases (``memory``), and the
+table prints them under it.
 """
 
 from __future__ import annotations
@@ -220,6 +233,27 @@ def paired_ratio(kvtier_gbps: list[float], peer_gbps: list[float | None]) -> dic
             "rounds": len(pairs), "verdict": verdict, "per_round": [round(v, 3) for v in pairs]}
 
 
+def nvme_verify_threads() -> int:
+    """The threads the tier hashes and verifies with by default (NvmeTier's verify_threads)."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def memory_speed(size_bytes: int, piece_bytes: int, threads: int, reps: int = 3) -> dict[str, Any]:
+    """Note [Memory speed beside the disk]: memcpy and XXH3 GB/s on a ``size_bytes`` buffer, the
+    median of ``reps`` timings each (after one untimed pass that faults the pages in)."""
+    from kvtier import _core
+
+    src = np.ones(size_bytes, dtype=np.uint8)
+    dst = np.zeros(size_bytes, dtype=np.uint8)
+    _core.timed_memcpy(dst, src, 1)
+    memcpy = [_core.timed_memcpy(dst, src, 1) for _ in range(reps)]
+    hash_1t = [_core.timed_checksum(src, piece_bytes, 1) for _ in range(reps)]
+    hash_mt = [_core.timed_checksum(src, piece_bytes, threads) for _ in range(reps)]
+    gbps = lambda ts: round(size_bytes / statistics.median(ts) / 1e9, 2)  # noqa: E731
+    return {"buffer_bytes": size_bytes, "memcpy_gbps": gbps(memcpy), "xxh3_gbps": gbps(hash_1t),
+            "xxh3_threads": threads, "xxh3_threads_gbps": gbps(hash_mt)}
+
+
 def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_depth: int = 256,
         max_io_bytes: int = 4 << 20, cases: str | None = None, nixl_python: str | None = None,
         seed: int = 0, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -242,6 +276,7 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
         task = bar.add_task("bench nvme", total=len(selected) * reps)
         for case in selected:
             n = max(1, (size_mib << 20) // case.block_bytes)
+            memory = memory_speed(n * case.block_bytes, case.block_bytes, nvme_verify_threads())
             # Rounds: kvtier, fio, NIXL one repetition each, in turn, so the disk's state (host
             # write-back, other tenants) changes under all three alike.
             kv_case = _KvtierCase(os.path.join(base, "kvtier"), case, n, queue_depth, max_io_bytes, rng)
@@ -325,16 +360,27 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
                 "mode": case.mode, "block_bytes": case.block_bytes, "blocks": n,
                 "queue_depth": queue_depth, "turn_order": turn_order, "kvtier": kv, "kvtier_nosync": nosync,
                 "peers": peers,
+                "memory": memory,
+                # Note [Memory speed beside the disk]: hashing the case's bytes on the tier's
+                # threads, over kvtier's median time for the case.
+                "hash_share": round(n * case.block_bytes / (memory["xxh3_threads_gbps"] * 1e9)
+                                    / (n * case.block_bytes / (kv["gbps"] * 1e9)), 3),
             })
     if directory is None:
         shutil.rmtree(base, ignore_errors=True)
-    report = {"suite": "nvme", "machine": machine_info(),
+    machine = machine_info()
+    if results:
+        machine["memory"] = {k: round(statistics.median(r["memory"][k] for r in results), 2)
+                             for k in ("memcpy_gbps", "xxh3_gbps", "xxh3_threads_gbps")}
+        machine["memory"]["xxh3_threads"] = results[0]["memory"]["xxh3_threads"]
+        machine["memory"]["note"] = "medians over the cases; each case's own figures are in its 'memory'"
+    report = {"suite": "nvme", "machine": machine,
               "config": {"size_mib": size_mib, "reps": reps, "queue_depth": queue_depth,
                          "max_io_bytes": max_io_bytes, "directory": base, "seed": seed},
               "results": results}
     table = Table(title=f"kvtier bench nvme ({size_mib} MiB per case, QD {queue_depth}, median of {reps})")
     for col in ("case", "kvtier GB/s", "fio GB/s", "NIXL GB/s", "ratio to best", "paired [95% CI]",
-                "no-fsync kvtier GB/s, ratio"):
+                "no-fsync kvtier GB/s, ratio", "memcpy / XXH3 GB/s", "hash share"):
         table.add_column(col, justify="left" if col == "case" else "right")
 
     def fmt(v: float | None, peer: dict[str, Any] | None = None) -> str:
@@ -349,9 +395,16 @@ def run(directory: str | None = None, size_mib: int = 512, reps: int = 3, queue_
         pr = r["paired"]
         pcol = "n/a" if pr is None else f"{pr['median']:.2f}x " + (
             f"[{pr['ci95'][0]:.2f}, {pr['ci95'][1]:.2f}] {pr['verdict']}" if pr["ci95"] else f"({pr['verdict']})")
+        mem = r["memory"]
         table.add_row(r["case"], f"{r['kvtier_gbps']:.2f}", fmt(r["fio_gbps"]), fmt(r["nixl_gbps"]),
-                      f"[{style}]{ratio:.2f}x[/{style}]" if ratio is not None else "n/a", pcol, ns)
+                      f"[{style}]{ratio:.2f}x[/{style}]" if ratio is not None else "n/a", pcol, ns,
+                      f"{mem['memcpy_gbps']:.1f} / {mem['xxh3_threads_gbps']:.1f}", f"{r['hash_share']:.0%}")
     Console().print(table)
+    if results:
+        m = machine["memory"]
+        Console().print(f"machine: memcpy {m['memcpy_gbps']:.1f} GB/s (1 thread), XXH3 {m['xxh3_gbps']:.1f} GB/s "
+                        f"(1 thread), {m['xxh3_threads_gbps']:.1f} GB/s ({m['xxh3_threads']} threads), medians over "
+                        "the cases; hash share: hashing a case's bytes on those threads over kvtier's time for it")
     for name, why in (("fio", fio_missing), ("NIXL", nixl_missing)):
         if why:
             console.print(f"[yellow]{name} missing:[/yellow] {why}")
