@@ -21,6 +21,9 @@ BlockMemory = HostPool | KVRegistration
 def _space(obj: Any, role: str) -> Any:
     if isinstance(obj, (HostPool, KVRegistration)):
         return obj._core
+    remote = getattr(obj, "_remote_space", None)  # a peer's pool (kvtier.cluster.peer.RemotePool)
+    if remote is not None:
+        return remote
     if hasattr(obj, "__dlpack__") or hasattr(obj, "__array_interface__"):
         raise InvalidArgumentError(
             f"the transfer {role} is a raw tensor; register it first with kvtier.register_kv(...)"

@@ -1,0 +1,1 @@
+"""kvtier across workers: UCX peers (the data plane), metadata on a store, migration."""
