@@ -13,8 +13,9 @@ three ways:
 - ucx_perftest (``ucp_put_bw`` / ``ucp_get``): ``n`` messages of the block size, its own
   timing. It reuses one message buffer for every message (its best case: a 192 KiB buffer stays
   in cache), where kvtier and NIXL move ``n`` distinct blocks.
-- NIXL's UCX backend: an initiator and a target process; one prepared transfer of ``n``
-  descriptors (distinct blocks), re-posted for every sample and polled to DONE.
+- NIXL's UCX backend: an initiator and a target process, started for each of NIXL's turns (Note
+  [NIXL between turns]); one prepared transfer of ``n`` descriptors (distinct blocks), posted
+  once untimed and once timed, polled to DONE.
 
 Fixed identically for the three and recorded in the JSON: UCX_TLS, UCX_NET_DEVICES,
 UCX_RNDV_THRESH=inf, peer error handling (kvtier ``error_handling=True``, perftest ``-e``, NIXL
@@ -396,6 +397,10 @@ class _NixlCase:
         self.initiator = _Worker("--nixl-initiator", cfg, python_exe, env)
         self.samples: list[float] = []
 
+    def close(self) -> None:
+        self.initiator.close()
+        self.target.close()
+
     def rep(self) -> dict[str, Any]:
         s = self.initiator.call(op="rep")["seconds"]
         self.samples.append(s)
@@ -407,8 +412,7 @@ class _NixlCase:
             verified = out["verified"]
         else:
             verified = self.target.call(op="digest", ids=list(range(self.n)))["digests"] == out["digests"]
-        self.initiator.close()
-        self.target.close()
+        self.close()
         return {"gbps": self.n * self.case.block_bytes / statistics.median(self.samples) / 1e9,
                 "samples_s": self.samples, "verified": verified, "ucx": "bundled with nixl",
                 "progress": "NIXL progress thread; the initiator polls check_xfer_state"}
@@ -452,24 +456,27 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
                 if progress:
                     console.print(f"bench remote: {transport} {case.name} ({n} blocks, {reps} rounds)")
                 kv = _KvtierCase(peer, case, n, tls, seed)
-                nixl = None
-                nixl_case_missing = None
-                if not nixl_missing:
-                    try:
-                        nixl = _NixlCase(case, n, tls, seed, nixl_python)
-                    except Exception as e:  # a failing peer is reported, not hidden
-                        nixl_case_missing = f"NIXL failed to start: {e}"
                 perf_runs: list[dict[str, Any]] = []
                 nixl_runs: list[dict[str, Any]] = []
+                nixl_outs: list[dict[str, Any]] = []
 
                 def nixl_turn() -> None:
-                    if nixl is None:
-                        nixl_runs.append({"missing": nixl_missing or nixl_case_missing})
+                    # Note [NIXL between turns]: NIXL's progress threads spin even when idle
+                    # (about 30% of a core each here), which would slow the other two's turns on
+                    # a 2-core machine; so its two processes live for their own turn only (set-up
+                    # and one untimed transfer, then the timed one, then a check of the data).
+                    if nixl_missing:
+                        nixl_runs.append({"missing": nixl_missing})
                         return
+                    nixl = None
                     try:
+                        nixl = _NixlCase(case, n, tls, seed, nixl_python)
                         nixl_runs.append(nixl.rep())
-                    except Exception as e:
+                        nixl_outs.append(nixl.finish())
+                    except Exception as e:  # a failing peer is reported, not hidden
                         nixl_runs.append({"missing": f"NIXL failed: {e}"})
+                        if nixl is not None:
+                            nixl.close()
 
                 turns = [("kvtier", kv.rep), ("ucx_perftest", lambda: perf_runs.append(run_perftest(case, n, tls))),
                          ("nixl", nixl_turn)]
@@ -480,7 +487,11 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
                     for _, turn in turns[k:] + turns[:k]:
                         turn()
                 kv_out = kv.finish()
-                nixl_out = nixl.finish() if nixl is not None else None
+                nixl_out = None
+                if nixl_outs:
+                    nixl_out = dict(nixl_outs[-1])
+                    nixl_out["verified"] = all(o["verified"] for o in nixl_outs)
+                    nixl_out["samples_s"] = [o["samples_s"][0] for o in nixl_outs]
                 peer_rounds = {"ucx_perftest": [r.get("gbps") for r in perf_runs],
                                "nixl": [r.get("gbps") for r in nixl_runs]}
                 peers: dict[str, Any] = {}
