@@ -20,7 +20,8 @@ three ways:
 Fixed identically for the three and recorded in the JSON: UCX_TLS, UCX_NET_DEVICES,
 UCX_RNDV_THRESH=inf, peer error handling (kvtier ``error_handling=True``, perftest ``-e``, NIXL
 ``ucx_error_handling_mode=peer``) and event-driven progress (kvtier ``progress="event"``,
-perftest ``-I -E sleep``, NIXL's progress thread). Each tool loads its own UCX (recorded): kvtier
+perftest ``-I -E sleep``, NIXL's progress thread), except that perftest's ``ucp_get`` polls
+(Note [perftest progress]). Each tool loads its own UCX (recorded): kvtier
 and ucx_perftest the libucx wheel's when it is installed, NIXL the copy it bundles.
 
 Rounds, rotated turns and paired ratios are those of ``kvtier bench nvme``
@@ -222,7 +223,7 @@ def perftest_available() -> tuple[str | None, str | None, str]:
 _PERFTEST_ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 
 
-def run_perftest(case: RemoteCase, n: int, tls: str, timeout_s: float = 300) -> dict[str, Any]:
+def run_perftest(case: RemoteCase, n: int, tls: str, timeout_s: float = 120) -> dict[str, Any]:
     exe, libdir, why = perftest_available()
     if exe is None:
         return {"missing": why}
@@ -231,15 +232,23 @@ def run_perftest(case: RemoteCase, n: int, tls: str, timeout_s: float = 300) -> 
     if libdir:
         env["LD_LIBRARY_PATH"] = libdir + os.pathsep + env.get("LD_LIBRARY_PATH", "")
     port = _free_port()
-    args = ["-t", test, "-s", str(case.block_bytes), "-n", str(n), "-w", str(min(16, n)), "-e", "-I", "-E", "sleep",
+    # Note [perftest progress]: ucp_put_bw runs event-driven like kvtier (-I -E sleep). ucp_get
+    # cannot: with -E sleep it hangs over shared memory (3 of 3 tries here, 20 s each) and crawls
+    # over TCP (2.4 MB/s: the responder sleeps through the gets), so ucp_get polls (-E poll),
+    # which favours it on the transports where the target must progress. Recorded per case.
+    wait = ["-I", "-E", "sleep"] if case.op == "put" else ["-E", "poll"]
+    args = ["-t", test, "-s", str(case.block_bytes), "-n", str(n), "-w", str(min(16, n)), "-e", *wait,
             "-p", str(port), "-f"]
     server = subprocess.Popen([exe, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = None
         for _ in range(20):  # the server needs a moment to listen
             time.sleep(0.2)
-            out = subprocess.run([exe, "127.0.0.1", *args], env=env, capture_output=True, text=True,
-                                 timeout=timeout_s)
+            try:
+                out = subprocess.run([exe, "127.0.0.1", *args], env=env, capture_output=True, text=True,
+                                     timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                return {"missing": f"ucx_perftest did not finish in {timeout_s} s: {' '.join(args)}"}
             if out.returncode == 0:
                 break
         server.wait(30)
@@ -447,7 +456,8 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
         settings[transport] = {
             **_ucx_env(tls), "error_mode": "peer", "progress": "event",
             "kvtier": "Peer(error_handling=True, progress='event')",
-            "ucx_perftest": "-e -I -E sleep", "nixl": "ucx_error_handling_mode=peer, enable_prog_thread=True",
+            "ucx_perftest": "-e; put: -I -E sleep, get: -E poll (Note [perftest progress])",
+            "nixl": "ucx_error_handling_mode=peer, enable_prog_thread=True",
         }
         with Peer(tls=tls, net_devices=NET_DEVICES, rndv_thresh=RNDV_THRESH, error_handling=True,
                   progress="event", transfer_timeout_s=600) as peer:
