@@ -189,7 +189,7 @@ class Agent : public std::enable_shared_from_this<Agent> {
   std::atomic<uint64_t> batches_ok_{0}, batches_failed_{0}, ops_posted_{0}, bytes_ok_{0}, peers_failed_{0};
 };
 
-// Parses this library's UCX version string; "" when UCX is not compiled in.
+// The version of the UCX library loaded in this process (ucp_get_version_string).
 std::string LoadedVersion();
 
 }  // namespace kvtier::ucx
