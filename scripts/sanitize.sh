@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the native core with AddressSanitizer + UndefinedBehaviorSanitizer and rerun the tests
-# that exercise it (pools, transfers, bad input, NVMe crash/corruption, cache). Uses .venv from
+# that exercise it (pools, transfers, bad input, NVMe crash/corruption, cache, UCX peers). Uses .venv from
 # setup.sh; the sanitized module is loaded from build/asan-pkg ahead of the installed one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,4 +19,4 @@ export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_erro
 echo "kvtier: rerunning the native-heavy tests under ASan/UBSan"
 python -c "import kvtier, sys; assert 'asan-pkg' in kvtier.__file__, kvtier.__file__"
 python -m pytest -q -p no:cacheprovider tests/test_pool.py tests/test_transfer.py tests/test_bad_input.py \
-  tests/test_nvme.py tests/test_cache.py tests/test_keys.py tests/test_trace.py
+  tests/test_nvme.py tests/test_cache.py tests/test_keys.py tests/test_trace.py tests/test_ucx_peer.py

@@ -9,6 +9,7 @@
 
 #include "common/status.h"
 #include "index/checksum.h"
+#include "memory/block_space.h"
 
 namespace kvtier::bind {
 
@@ -45,5 +46,12 @@ inline std::span<const BlockKey> Keys(const KeyArray& a) {
 void BindNvme(nb::module_& m);
 void BindGds(nb::module_& m);  // probe_gds, HAVE_GDS, GdsFile; adds gds keys to build_info
 void BindIndex(nb::module_& m);
+void BindUcx(nb::module_& m);  // UcxAgent, RemotePool, HAVE_UCX (a stub when built without UCX)
+
+// A HostPool, a KV registration or (with UCX) a remote pool, as the engine sees it; raises
+// InvalidArgumentError naming `role` otherwise.
+BlockSpace& AsSpace(nb::handle h, const char* role);
+// The remote pool behind h, or nullptr (always nullptr without UCX).
+BlockSpace* AsRemoteSpace(nb::handle h);
 
 }  // namespace kvtier::bind

@@ -80,17 +80,6 @@ std::unique_ptr<KvRegistration> RegisterKv(std::vector<nb::ndarray<>> tensors, s
   return reg;
 }
 
-BlockSpace& AsSpace(nb::handle h, const char* role) {
-  HostPool* pool = nullptr;
-  if (nb::try_cast<HostPool*>(h, pool) && pool != nullptr) return *pool;
-  KvRegistration* reg = nullptr;
-  if (nb::try_cast<KvRegistration*>(h, reg) && reg != nullptr) return *reg->region;
-  ThrowIfError(InvalidArgument(std::string("the transfer ") + role +
-                               " must be a HostPool or a KV registration (kvtier.register_kv), got " +
-                               nb::type_name(h.type()).c_str()));
-  __builtin_unreachable();
-}
-
 nb::dict ToDict(const probe::Feature& f) {
   nb::dict d;
   d["compiled"] = f.compiled;
@@ -102,6 +91,19 @@ nb::dict ToDict(const probe::Feature& f) {
 }
 
 }  // namespace
+
+BlockSpace& AsSpace(nb::handle h, const char* role) {
+  HostPool* pool = nullptr;
+  if (nb::try_cast<HostPool*>(h, pool) && pool != nullptr) return *pool;
+  KvRegistration* reg = nullptr;
+  if (nb::try_cast<KvRegistration*>(h, reg) && reg != nullptr) return *reg->region;
+  if (BlockSpace* remote = AsRemoteSpace(h)) return *remote;
+  ThrowIfError(InvalidArgument(std::string("the transfer ") + role +
+                               " must be a HostPool or a KV registration (kvtier.register_kv), got " +
+                               nb::type_name(h.type()).c_str()));
+  __builtin_unreachable();
+}
+
 }  // namespace kvtier::bind
 
 NB_MODULE(_core, m) {
@@ -333,5 +335,6 @@ NB_MODULE(_core, m) {
   BindNvme(m);
   BindGds(m);
   BindIndex(m);
+  BindUcx(m);
   cuda::InstallHostPinner();
 }

@@ -5,7 +5,8 @@
 
 namespace kvtier {
 
-enum class DeviceType : int { kCpu = 0, kCuda = 1 };
+// kRemote: another process's registered memory, reached through UCX (index = the peer's id).
+enum class DeviceType : int { kCpu = 0, kCuda = 1, kRemote = 2 };
 
 struct Device {
   DeviceType type = DeviceType::kCpu;
@@ -13,9 +14,11 @@ struct Device {
 
   bool is_cpu() const noexcept { return type == DeviceType::kCpu; }
   bool is_cuda() const noexcept { return type == DeviceType::kCuda; }
+  bool is_remote() const noexcept { return type == DeviceType::kRemote; }
   bool operator==(const Device&) const = default;
   std::string ToString() const {
-    return is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(index);
+    if (is_cpu()) return "cpu";
+    return (is_cuda() ? "cuda:" : "remote:") + std::to_string(index);
   }
 };
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from kvtier import _ucx_preload  # noqa: F401  (before _core: the libucx wheel's UCX, if installed)
 from kvtier import _core  # noqa: F401  (native module; fails loudly if the build is broken)
 from kvtier.errors import (
     BlockStateError,

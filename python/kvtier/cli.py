@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: ``kvtier info``, ``kvtier replay``, ``kvtier simulate``, ``kvtier bench copy|nvme``."""
+"""The ``kvtier`` command: ``kvtier info``, ``kvtier replay``, ``kvtier simulate``, ``kvtier bench copy|nvme|remote``."""
 
 from __future__ import annotations
 
@@ -125,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     nvme.add_argument("--seed", type=int, default=0)
     nvme.add_argument("--quick", action="store_true", help="small and fast (64 MiB, 1 rep): a smoke run")
     nvme.add_argument("--no-progress", action="store_true", help="no progress bar")
+    remote = bsub.add_parser("remote", help="UCX put/get between two processes vs ucx_perftest and NIXL's UCX backend")
+    remote.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
+    remote.add_argument("--transport", choices=["shm", "tcp", "both"], default="both",
+                        help="shm (UCX_TLS=posix,cma,tcp) or tcp (UCX_TLS=tcp), on loopback (default: both)")
+    remote.add_argument("--size-mib", type=_positive_int, default=128, help="bytes per sample (default 128 MiB)")
+    remote.add_argument("--reps", type=_positive_int, default=6, help="rounds per case (paired ratios need 6)")
+    remote.add_argument("--cases", default=None, help="only cases whose name contains this text")
+    remote.add_argument("--nixl-python", default=None,
+                        help="python that has nixl-cu12 installed (default: $KVTIER_NIXL_PYTHON or this one)")
+    remote.add_argument("--seed", type=int, default=0)
+    remote.add_argument("--quick", action="store_true", help="small and fast (16 MiB, 2 rounds): a smoke run")
+    remote.add_argument("--no-progress", action="store_true", help="no progress lines")
     return p
 
 
@@ -212,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
             nvme.run(directory=args.dir, size_mib=size, reps=reps, queue_depth=args.queue_depth,
                      max_io_bytes=args.max_io_kib << 10, cases=args.cases, nixl_python=args.nixl_python,
                      seed=args.seed, json_path=args.json, progress=not args.no_progress)
+            return 0
+        if args.command == "bench" and args.suite == "remote":
+            from kvtier.benchmarks import remote as remote_bench
+
+            size, reps = (16, 2) if args.quick else (args.size_mib, args.reps)
+            transports = ("shm", "tcp") if args.transport == "both" else (args.transport,)
+            remote_bench.run(transports=transports, size_mib=size, reps=reps, cases=args.cases,
+                             nixl_python=args.nixl_python, seed=args.seed, json_path=args.json,
+                             progress=not args.no_progress)
             return 0
     except KvtierError as e:
         print(f"kvtier: error: {e}", file=sys.stderr)

@@ -14,6 +14,9 @@ def info() -> dict[str, Any]:
     cuda = _core.probe_cuda()
     uring = _core.probe_uring()
     ucx = _core.probe_ucx()
+    from kvtier.cluster.peer import ucx_runtime
+
+    ucx["runtime"] = ucx_runtime()  # built against / actually loaded / the libucx wheel's state
     gds = _core.probe_gds()  # cached; bounded by its deadline (5 s) even where cuFileDriverOpen hangs
     return {
         "version": kvtier.__version__,
@@ -85,6 +88,9 @@ def render(data: dict[str, Any]) -> None:
     t.add_row("io_uring", yes(u["compiled"]), yes(u["usable"]), u["detail"] if u["usable"] else u["reason"])
     x = data["ucx"]
     ucx_detail = f"{x['detail']}; transports: {', '.join(x['items'])}" if x["usable"] else (x["reason"] or x["detail"])
+    if x["compiled"]:
+        r = x["runtime"]
+        ucx_detail += f"; built against {r['built']}, loaded {r['loaded']} (libucx wheel: {r['wheel']})"
     t.add_row("ucx", yes(x["compiled"]), yes(x["usable"]), ucx_detail)
     g = data["gds"]
     t.add_row("gds (cuFile)", yes(g["compiled"]), yes(g["usable"]), g["detail"] if g["usable"] else g["reason"])

@@ -25,6 +25,9 @@ def _space(obj: Any, role: str) -> Any:
         return obj._core
     if isinstance(obj, HostPool):
         return obj._core
+    remote = getattr(obj, "_remote_space", None)  # a peer's pool (kvtier.cluster.peer.RemotePool)
+    if remote is not None:
+        return remote
     if hasattr(obj, "__dlpack__") or hasattr(obj, "__array_interface__"):
         raise InvalidArgumentError(
             f"the transfer {role} is a raw tensor; register it first with kvtier.register_kv(...)"

@@ -800,7 +800,7 @@ class CudaCopyBackend final : public TransferBackend {
 
   bool Supports(const Device& src, const Device& dst) const override {
     if (src.is_cuda() && dst.is_cuda()) return src.index == dst.index;
-    return src.is_cuda() || dst.is_cuda();
+    return (src.is_cuda() && dst.is_cpu()) || (src.is_cpu() && dst.is_cuda());
   }
 
   void Submit(std::unique_ptr<TransferRequest> request) override {

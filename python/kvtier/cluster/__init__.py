@@ -4,8 +4,8 @@
   liveness leases, published worker info, the block directory, fenced trace ownership.
 - :mod:`kvtier.cluster.migration`: migration planning (dedup against what the target holds)
   and the ownership-move state machine; the data moves through an injected mover.
-
-The UCX data plane (``kvtier.cluster.peer``) plugs in as a mover. See docs/cluster.md.
+- :mod:`kvtier.cluster.peer`: the UCX data plane (:class:`Peer`, one-sided put/get of block lists
+  between registered pools); it plugs into migration as a mover. See docs/cluster.md.
 """
 
 from __future__ import annotations
