@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from kvtier import _core
-
-BASE_SEED = int(os.environ.get("KVTIER_TEST_SEED", "20250101"))
+from testenv import BASE_SEED, cuda_usable
 
 settings.register_profile(
     "kvtier",
@@ -54,20 +52,6 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 # ---------------------------------------------------------------- gpu marker
-
-
-def cuda_usable() -> tuple[bool, str]:
-    """(usable, reason): kvtier's own CUDA probe, and torch must see a GPU too."""
-    probe = _core.probe_cuda()
-    if not probe["usable"]:
-        return False, probe["reason"] or "kvtier's CUDA probe says unusable (no reason given)"
-    try:
-        import torch
-    except ImportError:
-        return False, "torch is not installed"
-    if not torch.cuda.is_available():
-        return False, "kvtier's CUDA backend is usable but torch has no CUDA"
-    return True, ""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

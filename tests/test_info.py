@@ -95,7 +95,7 @@ def test_gpu_marker_runs_only_where_cuda_is_usable() -> None:
 
 
 def test_gpu_marker_skip_carries_the_probe_reason(request: pytest.FixtureRequest) -> None:
-    from conftest import cuda_usable
+    from testenv import cuda_usable
 
     usable, reason = cuda_usable()
     if usable:

@@ -1165,7 +1165,7 @@ FUZZ_OPS = 500
 
 @pytest.mark.parametrize("i", range(FUZZ_SEEDS))
 def test_random_walks_keep_kv_refs_and_pins_right(tmp_path: Path, i: int) -> None:
-    from conftest import BASE_SEED
+    from testenv import BASE_SEED
 
     seed = BASE_SEED + i
     cov = run_walk(tmp_path, seed, ops=FUZZ_OPS).final

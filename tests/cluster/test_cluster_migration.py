@@ -293,6 +293,7 @@ def test_store_killed_mid_migration_trace_stays_at_source(redis_server: Any, rng
     redis_server.restart()
     deadline = time.monotonic() + 10
     while not (src.store.connected and dst.store.connected and src.store.metrics.rejoins
+               and dst.store.metrics.rejoins and "dst" in src.store.workers()
                and src.store.trace_owner("t") is not None):
         assert time.monotonic() < deadline, "workers did not rejoin the restarted store"
         time.sleep(0.02)
