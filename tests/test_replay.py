@@ -59,7 +59,9 @@ def test_policies_agree_on_tokens_and_order_on_prefill(model_dir: Path, tmp_path
         assert 0 < r["busy"] <= 1
         assert set(r["jct_by_trace_s"]) == {t.trace_id for t in traces}
         assert max(r["jct_by_trace_s"].values()) >= r["jct_s"]["p99"] - 1e-9
-    assert set(data["policies"]) == {"none", "device-lru", "tiered", "trace-aware"}
+    assert set(data["policies"]) == {"none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint"}
+    # without hints every gap is learned (or a prior); with them the hinted tools' gaps come from the hint
+    assert "hint" not in p["trace-aware-nohint"]["trace_policy"]["gap_sources"]
     for k in ("jct_s", "tasks_per_hour", "prefill_tokens", "hits", "bytes_moved", "tokens", "nvme_bytes_written_per_task"):
         assert k in data["policies"]["tiered"]
 
@@ -159,7 +161,7 @@ def test_simulator_checks_against_a_real_replay(model_dir: Path, tmp_path: Path)
                device_budget=8 * 2 * 2 * 2 * 16 * 4 * 16, nvme_dir=str(tmp_path / "nvme"))
     check = sim.check_against_replay(str(out), json_path=str(tmp_path / "c.json"), progress=False)
     fig = check["figures"]
-    assert set(fig) == {"none", "device-lru", "tiered", "trace-aware"}
+    assert set(fig) == {"none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint"}
     # with no reuse the prefill is the whole context in both; the time model is in the right range
     assert fig["none"]["prefill_computed"]["sim"] == fig["none"]["prefill_computed"]["real"]
     for p in fig:

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--model", default=None, help="local transformers causal-LM folder (default: a built-in tiny model)")
     rp.add_argument("--workload", default=None, help="JSONL workload (default: a generated agent workload)")
     rp.add_argument("--policy", action="append", default=None,
-                    help="none, device-lru, tiered, trace-aware, or all (repeatable; default: trace-aware)")
+                    help="none, device-lru, tiered, trace-aware, trace-aware-nohint (gap hints withheld), or all "
+                         "(repeatable; default: trace-aware)")
     rp.add_argument("--json", metavar="PATH", help="write the report as JSON")
     rp.add_argument("--plot", metavar="PNG", help="write a plot of JCT, prefill and hits per policy")
     rp.add_argument("--device-budget", type=_size, default=None, help="device tier size (default: 1/16 of the workload's KV: too small for it)")
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="servers in the fleet (default 2: sized so that the default workload keeps them busy)")
     sm.add_argument("--traces", type=_positive_int, default=1000, help="root traces (subagents come on top)")
     sm.add_argument("--policy", action="append", default=None,
-                    help="none, device-lru, tiered, trace-aware, or all (repeatable; default: all)")
+                    help="none, device-lru, tiered, trace-aware, trace-aware-nohint (gap hints withheld), or all "
+                         "(repeatable; default: all)")
     sm.add_argument("--device-budget", type=_size, default=None,
                     help="HBM for cached KV per server (default: the server model's hbm_kv_gib)")
     sm.add_argument("--block-tokens", type=_positive_int, default=64, help="tokens per KV block (default 64)")

@@ -28,6 +28,8 @@ Policies:
   tiered       kvtier's tiers below the same device budget: DRAM, NVMe, LRU demotion.
   trace-aware  the same tiers, driven by traces: gap-aware offload and prefetch, private partial
                tail blocks kept, shared prefixes held hot (kvtier.policy, kvtier.trace).
+  trace-aware-nohint  trace-aware told nothing about a gap in advance: the workload's hints are
+               withheld, every gap is estimated from the gaps it has seen (per tool, then overall).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from kvtier.policy import CostModel, TraceAwarePolicy
 from kvtier.trace import BackgroundLane, TraceManager
 from kvtier.workload import Trace
 
-POLICIES = ("none", "device-lru", "tiered", "trace-aware")
+POLICIES = ("none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint")
+TRACE_POLICIES = ("trace-aware", "trace-aware-nohint")  # the policies driven by a TraceManager
 DEFAULT_POLICY = "trace-aware"
 
 
@@ -97,7 +100,8 @@ class PolicyRunner:
         self.ex = executor
         self.cache = make_cache(policy) if policy != "none" else None
         self.traces: TraceManager | None = None
-        if policy == "trace-aware":
+        self.hints = policy != "trace-aware-nohint"  # False: the workload's gap hints are withheld
+        if policy in TRACE_POLICIES:
             if cost is None:
                 raise InvalidArgumentError("the trace-aware policy needs a cost model")
             self.traces = TraceManager(self.cache, cost, policy=trace_policy, lane=lane or BackgroundLane())
@@ -118,7 +122,7 @@ class PolicyRunner:
 
     def tool_start(self, tid: str, now: float, expected_gap_s: float | None, tool: str | None) -> None:
         if self.traces is not None:
-            self.traces.get(tid).tool_start(expected_gap_s, tool, now=now)
+            self.traces.get(tid).tool_start(expected_gap_s if self.hints else None, tool, now=now)
 
     def tool_end(self, tid: str, now: float) -> None:
         if self.traces is not None:
@@ -224,7 +228,9 @@ class PolicyReplay:
             r.tool_end(tid, at)
         r.tick(start)
         if (tid, k) not in self.started:
-            self.contexts[tid] = np.concatenate([self.contexts[tid], np.asarray(step.append, dtype=np.int64)])
+            appended = np.asarray(step.append, dtype=np.int64)
+            # a reset step (a compaction) replaces the context instead of extending it
+            self.contexts[tid] = appended if step.reset else np.concatenate([self.contexts[tid], appended])
             self.started.add((tid, k))
         ctx = self.contexts[tid]
         res = r.run_step(tid, k, ctx, step.generate, start)
@@ -247,8 +253,9 @@ class PolicyReplay:
         ctx = self.contexts[tid] = np.concatenate([ctx, np.asarray(res.tokens, dtype=np.int64)])
         self.tokens[tid].append(res.tokens)
         for child in self.children.get((tid, k), []):
-            self.contexts[child.trace_id] = ctx
-            r.open(child.trace_id, parent=tid)
+            own = child.fork_of.own_context  # a subagent with a context of its own, or a fork of this one
+            self.contexts[child.trace_id] = np.zeros(0, dtype=np.int64) if own else ctx
+            r.open(child.trace_id, parent=None if own else tid)
             self._push(max(done, child.arrival_s), child.trace_id, 0)
         if k + 1 < len(t.steps):
             r.tool_start(tid, done, step.expected_gap_s, step.tool)

@@ -30,6 +30,7 @@ them and gets its load from fleet-sized trace counts instead.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import shutil
@@ -45,6 +46,7 @@ from kvtier import workload as wl
 from kvtier.driver import (
     DEFAULT_POLICY,
     POLICIES,
+    TRACE_POLICIES,
     PolicyReplay,
     PolicyRunner,
     check_policies,
@@ -196,14 +198,7 @@ def load_workload(path: str | None, vocab: int, seed: int, traces: int, gap_scal
     """The replay's workload: a JSONL file, or the default one; gaps scaled (Note [Replay load])."""
     if path is None:
         return wl.default_workload(vocab, seed=seed, traces=traces, gap_scale=gap_scale)
-    return wl.scale_gaps(wl.load(path, vocab_size=vocab), gap_scale)
-
-
-def _ctx_len(by_id: dict[str, Trace], t: Trace, upto: int) -> int:
-    base = 0
-    if t.fork_of is not None:
-        base = _ctx_len(by_id, by_id[t.fork_of.trace_id], t.fork_of.after_step)
-    return base + sum(len(s.append) + s.generate for s in t.steps[: upto + 1])
+    return wl.scale_gaps(wl.load(path, vocab_size=vocab), gap_scale)  # kvtier's JSONL or Mooncake's
 
 
 def run(model_dir: str | None = None, workload: str | None = None, policies: list[str] | None = None,
@@ -243,7 +238,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     workload_name = (f"default(seed={seed}, traces={traces})" if workload is None else str(workload)) + (
         f", gaps x{gap_scale:g}" if gap_scale != 1 else "")
     by_id = {t.trace_id: t for t in trs}
-    max_ctx = max(_ctx_len(by_id, t, len(t.steps) - 1) for t in trs)
+    max_ctx = max(wl.context_tokens(by_id, t, k) for t in trs for k in range(len(t.steps)))
     max_tokens = (max_ctx // BLOCK_TOKENS + 2) * BLOCK_TOKENS
     # Budgets: by default the device tier holds 1/16 of the workload's KV and DRAM 1/8, so reuse
     # depends on what survives below it.
@@ -277,7 +272,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
         replays = {}
         for p in chosen:
             ex = ModelExecutor(model, max_tokens, model_speed if compute_time == "calibrated" else None)
-            if p == "trace-aware":
+            if p in TRACE_POLICIES and cost is None:
                 # The cost model: this model's measured prefill time per token, this machine's tiers.
                 probe = make_cache("calibrate")
                 try:
@@ -285,7 +280,8 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                 finally:
                     probe.close()
                     shutil.rmtree(os.path.join(nvme_base, "calibrate"), ignore_errors=True)
-            replays[p] = PolicyReplay(PolicyRunner(p, ex, make_cache, cost), trs)
+            # each trace policy learns on its own copy of the cost model (observe_recompute)
+            replays[p] = PolicyReplay(PolicyRunner(p, ex, make_cache, None if cost is None else copy.deepcopy(cost)), trs)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task(f"replay: {', '.join(chosen)} (interleaved)", total=steps_total)

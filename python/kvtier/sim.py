@@ -346,6 +346,8 @@ def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerMod
         "dollars_per_task": servers * server.dollars_per_hour * makespan / 3600 / max(1, tasks),
         "prefill_tokens": {k: sum(r["prefill_tokens"][k] for _, r in reports) for k in ("computed", "total")},
         "hits": {k: sum(r["hits"][k] for _, r in reports) for k in ("device", "dram", "nvme")},
+        "misses": sum(r.get("misses", 0) for _, r in reports),
+        "dropped_blocks": sum(r.get("dropped_blocks", 0) for _, r in reports),
         "bytes_moved": {},
     }
     for _, r in reports:
@@ -358,6 +360,9 @@ def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerMod
         la = np.asarray(late) if late else np.zeros(1)
         out["trace_policy"] = {
             "decisions": {k: sum(t["decisions"][k] for t in tps) for k in tps[0]["decisions"]},
+            "reasons": _sum_counts(t["reasons"] for t in tps),
+            "gap_sources": _sum_counts(t["gap_sources"] for t in tps),
+            "restore_capped_blocks": sum(t.get("restore_capped_blocks", 0) for t in tps),
             "prefetch_lateness_s": {"count": len(late), "late": int((la > 0).sum()) if late else 0,
                                     "p50": float(np.percentile(la, 50)), "p90": float(np.percentile(la, 90)),
                                     "p99": float(np.percentile(la, 99)), "max": float(la.max())},
@@ -365,6 +370,14 @@ def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerMod
             "late_recompute_tokens": sum(t["late_recompute_tokens"] for t in tps),
             "tail_tokens_reused": sum(t["tail_tokens_reused"] for t in tps),
         }
+    return out
+
+
+def _sum_counts(dicts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
     return out
 
 

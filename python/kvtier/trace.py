@@ -141,6 +141,7 @@ class TraceMetrics:
     tail_tokens_reused: int = 0  # partial-tail tokens loaded instead of recomputed
     headroom_runs: int = 0  # background demotions that kept headroom free (Note [Headroom])
     farthest_demoted_blocks: int = 0  # freed for a restore from traces back later (Note [Farthest resume first])
+    restore_capped_blocks: int = 0  # left below by a restore that had no room (Note [A restore never drops])
 
     def snapshot(self) -> dict[str, Any]:
         late = np.asarray(self.prefetch_lateness_s, dtype=float)
@@ -155,6 +156,7 @@ class TraceMetrics:
             "late_recompute_tokens": self.late_recompute_tokens, "waited_s": self.waited_s,
             "expired_leases": self.expired_leases, "tail_tokens_reused": self.tail_tokens_reused,
             "headroom_runs": self.headroom_runs, "farthest_demoted_blocks": self.farthest_demoted_blocks,
+            "restore_capped_blocks": self.restore_capped_blocks,
         }
 
 
@@ -403,7 +405,7 @@ class Trace:
             return
         def restore() -> None:
             mgr._make_room_for(self, keys)
-            mgr.cache.promote_keys(keys, DEVICE)
+            mgr.cache.promote_keys(mgr._restorable(keys), DEVICE)
 
         start, done, _ = mgr.restore_lane.run(at, restore)
         where, _ = mgr.cache.locate(keys)
@@ -610,6 +612,24 @@ class TraceManager:
                 short = need - cache.tier_free_blocks(tier)
                 if short <= 0:
                     break
+
+    def _restorable(self, keys: np.ndarray) -> np.ndarray:
+        """The head of ``keys``' blocks below the device that a restore may bring up without
+        dropping any block (Note [A restore never drops] in kvtier/policy.py)."""
+        cache = self.cache
+        where, _ = cache.locate(keys)
+        below = np.flatnonzero((where == DRAM) | (where == NVME))
+        if not cache.has_tier(DRAM) or len(below) == 0:
+            return keys
+        _, _, evictable = cache.index.victims(DRAM, cache.pools[DRAM].num_blocks, cache.shared_refs)
+        budget = self.policy.restore_budget(
+            device_free=cache.tier_free_blocks(DEVICE), dram_evictable=int(evictable),
+            restoring_dram=int((where == DRAM).sum()), restoring_nvme=int((where == NVME).sum()),
+            staging_reserve=cache.staging_reserve)
+        if budget >= len(below):
+            return keys
+        self.metrics.restore_capped_blocks += len(below) - budget
+        return keys[below[:budget]]
 
     def _keep_headroom(self, now: float) -> None:
         """Note [Headroom] in kvtier/policy.py."""
