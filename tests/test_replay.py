@@ -157,9 +157,11 @@ def test_simulator_checks_against_a_real_replay(model_dir: Path, tmp_path: Path)
     path = tmp_path / "w.jsonl"
     wl.dump(small_workload(256), path)
     out = tmp_path / "r.json"
+    # measured compute: a replay calibrated with a formula of the simulator's shape would agree by construction
     replay.run(model_dir=str(model_dir), workload=str(path), json_path=str(out), policies=["all"], progress=False,
-               device_budget=8 * 2 * 2 * 2 * 16 * 4 * 16, nvme_dir=str(tmp_path / "nvme"))
+               device_budget=8 * 2 * 2 * 2 * 16 * 4 * 16, nvme_dir=str(tmp_path / "nvme"), compute_time="measured")
     check = sim.check_against_replay(str(out), json_path=str(tmp_path / "c.json"), progress=False)
+    assert check["independent_of_the_formula"] and check["replay_compute_time"] == "measured"
     fig = check["figures"]
     assert set(fig) == {"none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint"}
     # with no reuse the prefill is the whole context in both; the time model is in the right range
