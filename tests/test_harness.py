@@ -8,6 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from kvtier import errors as kvtier_errors
+
 from kvtier import sim
 from kvtier import workload as wl
 
@@ -87,3 +89,128 @@ def test_trace_aware_nohint_withholds_hints() -> None:
     assert p["trace-aware"]["trace_policy"]["gap_sources"].get("hint", 0) > 0
     assert "hint" not in p["trace-aware-nohint"]["trace_policy"]["gap_sources"]
     assert p["trace-aware"]["prefill_tokens"]["total"] == p["trace-aware-nohint"]["prefill_tokens"]["total"]
+
+
+# ------------------------------------------------------------------------------ compute (part 2)
+
+
+def test_fit_recovers_a_compute_model_and_it_grows_with_context() -> None:
+    from kvtier.replay import ComputeModel, _fit_nonneg
+
+    rng = np.random.default_rng(7)
+    true = np.array([1e-3, 2e-4, 3e-8, 1.5e-8])
+    grid = [(n, c) for n in (16, 64, 256, 1024) for c in (0, 512, 1024)]
+    x = ComputeModel.features([g[0] for g in grid], [g[1] for g in grid])
+    y = x @ true * rng.lognormal(0, 0.02, len(grid))  # 2% noise
+    cm = ComputeModel(list(_fit_nonneg(x, y)), [1e-3, 1e-7])
+    assert np.allclose(cm.prefill_coef, true, rtol=0.3)
+    assert all(c >= 0 for c in cm.prefill_coef)
+    # 64 new tokens after 960 cached cost attention over the context on top of 64 after none
+    assert cm.prefill_s(64, 960) - cm.prefill_s(64, 0) == pytest.approx(true[2] * 64 * 960, rel=0.3)
+    assert cm.decode_s(10, 2000) > cm.decode_s(10, 0) > 0 and cm.prefill_s(0, 100) == 0.0
+
+
+def test_replay_reports_its_compute_model_and_held_out_error(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from kvtier import replay
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=1024)).save_pretrained(tmp_path / "m")
+    trs = wl.default_workload(256, seed=1, traces=2, system_tokens=96, tools_tokens=32, steps=(2, 2), forks=0)
+    wl.dump(trs, tmp_path / "w.jsonl")
+    rep = replay.run(model_dir=str(tmp_path / "m"), workload=str(tmp_path / "w.jsonl"), policies=["tiered"],
+                     progress=False, nvme_dir=str(tmp_path / "nvme"))
+    cm = rep["compute_model"]
+    assert len(cm["grid"]) >= 6 and len(cm["held_out"]) == 4
+    grid_points = {(g["new"], g["cached"]) for g in cm["grid"]}
+    assert any(c > 0 for _, c in grid_points)  # the grid spans cached tokens too
+    for h in cm["held_out"]:
+        assert h["measured_s"] > 0 and h["modelled_s"] >= 0
+        assert h["error"] == pytest.approx(h["modelled_s"] / h["measured_s"] - 1)
+    assert cm["held_out_error_max"] >= cm["held_out_error_median"] >= 0
+
+
+def test_simulated_prefill_includes_attention_over_the_context() -> None:
+    h100 = sim.PRESETS["h100-llama3-8b"]
+    assert h100.attn_flops_per_pair == 4 * 32 * 32 * 128  # Llama-3-8B's shape
+    # 64 new tokens after 30k cached: attention over the context adds half again to the step
+    assert h100.prefill_s(64, 30000) > 1.4 * h100.prefill_s(64, 0)
+    linear = dataclasses.replace(h100, attn_flops_per_pair=0.0, attention_tflops=0.0)
+    assert linear.prefill_s(64, 30000) == linear.prefill_s(64, 0)
+    with pytest.raises(kvtier_errors.InvalidArgumentError, match="go together"):
+        dataclasses.replace(h100, attention_tflops=0.0)
+
+
+# ------------------------------------------------------------------------------ servers (part 4)
+
+
+def test_presets_are_sourced_and_h200_exists() -> None:
+    import inspect
+
+    assert "h200-llama3-8b" in sim.PRESETS
+    h200, h100 = sim.PRESETS["h200-llama3-8b"], sim.PRESETS["h100-llama3-8b"]
+    assert h200.hbm_kv_gib > h100.hbm_kv_gib and h200.pcie_gbps == h100.pcie_gbps == 50  # measured, gen 5
+    note = inspect.getsource(sim)
+    note = note[note.index("Note [Preset sources]"):note.index("PRESETS: dict")]
+    for f in dataclasses.fields(sim.ServerModel):
+        if f.name not in ("name", "model", "serial_decode", "decode_kv_share"):
+            assert f.name in note, f"{f.name} has no source in Note [Preset sources]"
+    assert "decode_kv_share" in note and "48.6-50.0 GB/s" in note
+
+
+def test_decode_slows_with_kv_pinned_on_the_device() -> None:
+    h100 = sim.PRESETS["h100-llama3-8b"]
+    free = h100.decode_s(100, 4000, pinned_kv_gib=0.0)
+    assert h100.decode_s(100, 4000, pinned_kv_gib=h100.hbm_kv_gib * 0.5) == pytest.approx(free)  # still room
+    crowded = h100.decode_s(100, 4000, pinned_kv_gib=h100.hbm_kv_gib * 0.9)
+    assert crowded > 3 * free
+
+
+# ------------------------------------------------------------------------------ tasks (part 6)
+
+
+def test_subagent_jct_counts_from_its_own_start_and_tasks_include_them() -> None:
+    from kvtier.driver import PolicyReplay, StepResult
+
+    class Runner:
+        cache = traces = None
+
+        def open(self, tid, parent=None): ...
+        def tick(self, now): ...
+        def tool_start(self, tid, now, expected_gap_s, tool): ...
+        def tool_end(self, tid, now): ...
+        def close_trace(self, tid): ...
+
+        def run_step(self, tid, k, ctx, generate, now):
+            return StepResult([7] * generate, len(ctx), len(ctx), 1.0)
+
+    root = wl.Trace("r", 0.0, [wl.Step([5], 1, 10.0), wl.Step([6], 1)])
+    sub = wl.Trace("r.sub", 0.0, [wl.Step([9], 1, 0.0), wl.Step([3], 1, 0.0), wl.Step([4], 1)],
+                   wl.Fork("r", 0, own_context=True))
+    rp = PolicyReplay(Runner(), [root, sub])
+    while rp.step():
+        pass
+    rep = rp.report(keep_tokens=False)
+    # the subagent starts when r's step 0 ends (1 s) and runs 3 one-second steps
+    assert rp.start["r.sub"] == 1.0 and rep["jct_by_trace_s"]["r.sub"] == pytest.approx(3.0)
+    # the task ends with the last of the root (step 1 at 11 s, ends 12 s) and its subagent (4 s)
+    assert rep["jct_s"]["count"] == 1 and rep["jct_s"]["p50"] == pytest.approx(12.0)
+    assert rep["jct_subagents_s"]["count"] == 1 and rep["jct_s"]["p99"] is None
+    assert rep["sustained"]["server_s_per_task"] == pytest.approx(5.0)
+
+
+def test_dollars_per_task_from_sustained_throughput_not_makespan() -> None:
+    rep = sim.simulate(traces=120, servers=2, hbm_kv_gib=4, progress=False, quiet=True,
+                       policies=["none", "trace-aware"])
+    p = rep["policies"]
+    for r in p.values():
+        assert r["jct_s"]["count"] == 120 and r["jct_s"]["p99"] is not None  # enough tasks for a p99
+        assert r["dollars_per_task"] == pytest.approx(
+            sim.PRESETS["h100-llama3-8b"].dollars_per_hour / r["sustained"]["tasks_per_server_hour"])
+    # no reuse costs far more server time per task, which a makespan set by one long trace hides
+    assert p["none"]["dollars_per_task"] > 2 * p["trace-aware"]["dollars_per_task"]

@@ -58,7 +58,11 @@ def test_policies_agree_on_tokens_and_order_on_prefill(model_dir: Path, tmp_path
     for r in p.values():
         assert 0 < r["busy"] <= 1
         assert set(r["jct_by_trace_s"]) == {t.trace_id for t in traces}
-        assert max(r["jct_by_trace_s"].values()) >= r["jct_s"]["p99"] - 1e-9
+        # tasks (root traces, with their subagents) and subagents apart; too few for a p99
+        roots = [t.trace_id for t in traces if t.fork_of is None]
+        assert r["jct_s"]["count"] == len(roots) and r["jct_subagents_s"]["count"] == len(traces) - len(roots)
+        assert r["jct_s"]["p99"] is None and r["jct_s"]["max"] == max(r["jct_by_trace_s"][t] for t in roots)
+        assert r["sustained"]["tasks_per_server_hour"] > 0
     assert set(data["policies"]) == {"none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint"}
     # without hints every gap is learned (or a prior); with them the hinted tools' gaps come from the hint
     assert "hint" not in p["trace-aware-nohint"]["trace_policy"]["gap_sources"]

@@ -9,8 +9,10 @@ modelled: the tiers' pools hand out block ids without memory, a transfer takes
 decode ``tokens / decode speed``, beside other steps (continuous batching).
 
 The fleet is ``servers`` identical servers; each root trace goes to the server with the fewest
-traces so far, and a subagent to its parent's server. $ per task is the fleet's cost over the
-makespan divided by the tasks done: ``servers * $/h * makespan_h / tasks``.
+traces so far, and a subagent to its parent's server. $ per task is the price of the server time
+a task takes under the policy, at the utilisation a server sustains (Note [Sustained throughput]
+in :mod:`kvtier.driver`): ``$/h / tasks per server-hour``, not a fixed run's makespan, which one
+long trace sets. JCT is per task (a root trace and its subagents) and per subagent apart.
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ from typing import Any
 import numpy as np
 
 from kvtier.cache import DEVICE, TieredCache
-from kvtier.driver import PolicyReplay, PolicyRunner, check_policies, render_table, save_report
+from kvtier.driver import (
+    UTILISATION,
+    PolicyReplay,
+    PolicyRunner,
+    check_policies,
+    jct_stats,
+    render_table,
+    save_report,
+    sustained,
+    task_jcts,
+)
 from kvtier.errors import InvalidArgumentError, OutOfCapacityError
 from kvtier.layout import KVLayout
 from kvtier.memory import as_block_ids
@@ -134,6 +146,12 @@ class ServerModel:
 #     SXM ~$3/h, H200 ~$3.7/h); the 2-GPU 32B server twice the H100's.
 #   kv_bytes_per_token: from the model's shape, 2 (K and V) x layers x KV heads x head dim x 2 bytes.
 #   network_gbps: 100 / 200 Gb/s NICs (unused: no remote tier yet).
+#   hbm_kv_gib: the GPU's HBM (H100 SXM 80 GB, H200 141 GB: datasheets) less the weights (16 GB
+#     for 8B bf16, 64 GB over two GPUs for 32B) and ~8 GB of activations and CUDA graphs.
+#   dram_kv_gib / nvme_kv_gib (assumed server builds): 2 TB of host DRAM per 8-GPU node is usual
+#     for H100/H200 nodes (DGX H100: 2 TB), so 256 GiB per GPU pinned for KV on an H100, 512 GiB
+#     on the H200 node's larger builds; NVMe: a 3.84 TB data-centre drive per GPU (DGX H100 ships
+#     8 x 3.84 TB U.2 for data), 2 TB of it for KV; 4 TB on the H200 and the 2-GPU server.
 PRESETS: dict[str, ServerModel] = {
     "h100-llama3-8b": ServerModel(
         name="h100-llama3-8b", model="Llama-3-8B bf16 (32 layers, 32 query / 8 KV heads x 128), 1 H100 SXM",
@@ -429,16 +447,25 @@ def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 2, 
 
 
 def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerModel, servers: int) -> dict[str, Any]:
-    jct = [rp.finish[t.trace_id] - t.arrival_s for rp, _ in reports for t in rp.traces]
+    task_jct: dict[str, float] = {}
+    sub_jct: dict[str, float] = {}
+    for rp, _ in reports:
+        a, b = task_jcts(rp.traces, rp.start, rp.finish)
+        task_jct.update(a)
+        sub_jct.update(b)
     start = min(t.arrival_s for rp, _ in reports for t in rp.traces)
     end = max(max(rp.finish.values()) for rp, _ in reports)
     makespan = end - start
-    tasks = len(jct)
+    tasks = len(task_jct)
+    held = sustained(sum(float(np.sum(rp.service)) for rp, _ in reports), tasks, UTILISATION)
     out: dict[str, Any] = {
-        "jct_s": {"p50": float(np.percentile(jct, 50)), "p99": float(np.percentile(jct, 99)), "mean": float(np.mean(jct))},
+        "jct_s": jct_stats(list(task_jct.values())),
+        "jct_subagents_s": jct_stats(list(sub_jct.values())),
         "makespan_s": makespan,
-        "tasks_per_hour": tasks / makespan * 3600 if makespan > 0 else 0.0,
-        "dollars_per_task": servers * server.dollars_per_hour * makespan / 3600 / max(1, tasks),
+        "tasks_per_hour": tasks / makespan * 3600 if makespan > 0 else 0.0,  # of this run, on `servers` servers
+        "sustained": held,
+        # Note [Sustained throughput] in kvtier.driver: the price of the server time a task takes
+        "dollars_per_task": server.dollars_per_hour / held["tasks_per_server_hour"] if held["tasks_per_server_hour"] else 0.0,
         "prefill_tokens": {k: sum(r["prefill_tokens"][k] for _, r in reports) for k in ("computed", "total")},
         "hits": {k: sum(r["hits"][k] for _, r in reports) for k in ("device", "dram", "nvme")},
         "misses": sum(r.get("misses", 0) for _, r in reports),
@@ -511,6 +538,11 @@ def server_like_replay(report: dict[str, Any]) -> ServerModel:
         dollars_per_hour=0.1, serial_decode=True, **attn)
 
 
+def _p99_or_max(j: dict[str, Any]) -> float:
+    """p99, or the slowest where there are too few values for a p99 (kvtier.driver.jct_stats)."""
+    return j["p99"] if j.get("p99") is not None else j.get("max", 0.0)
+
+
 def check_against_replay(replay_json: str, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Simulate the workload of a ``kvtier replay --json`` report on a model of the machine it ran on,
     and compare: the order of the policies, and how far each figure is from the real one."""
@@ -537,7 +569,8 @@ def check_against_replay(replay_json: str, json_path: str | None = None, progres
     for p in pols:
         r, s = real["policies"][p], simulated["policies"][p]
         rows[p] = {k: {"real": a, "sim": b, "sim/real": b / a if a else None} for k, a, b in (
-            ("jct_p50_s", r["jct_s"]["p50"], s["jct_s"]["p50"]), ("jct_p99_s", r["jct_s"]["p99"], s["jct_s"]["p99"]),
+            ("jct_p50_s", r["jct_s"]["p50"], s["jct_s"]["p50"]),
+            ("jct_p99_s", _p99_or_max(r["jct_s"]), _p99_or_max(s["jct_s"])),
             ("prefill_computed", r["prefill_tokens"]["computed"], s["prefill_tokens"]["computed"]))}
     order = {k: ([p for p in sorted(pols, key=lambda p: rows[p][k]["real"])],
                  [p for p in sorted(pols, key=lambda p: rows[p][k]["sim"])]) for k in ("jct_p50_s", "jct_p99_s",
