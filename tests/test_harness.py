@@ -214,3 +214,26 @@ def test_dollars_per_task_from_sustained_throughput_not_makespan() -> None:
             sim.PRESETS["h100-llama3-8b"].dollars_per_hour / r["sustained"]["tasks_per_server_hour"])
     # no reuse costs far more server time per task, which a makespan set by one long trace hides
     assert p["none"]["dollars_per_task"] > 2 * p["trace-aware"]["dollars_per_task"]
+
+
+def test_step_transfers_share_links_with_background_moves() -> None:
+    """Note [Shared links]: a step's load over PCIe while a background restore runs on it gets
+    half the link for the overlap; on another resource, or after the restore, it gets all of it."""
+    server = sim.PRESETS["h100-llama3-8b"]
+    eng = sim.ModelEngine(server, 1 << 20)
+    gb, bw = 10**9, server.pcie_gbps * 1e9
+    eng.now, eng.background = 5.0, True
+    assert eng.charge(gb, bw, "pcie_in") == pytest.approx(gb / bw)  # background: 5.0 .. 5.02
+    eng.background = False
+    eng.begin_step(5.0)
+    assert eng.charge(gb, bw, "pcie_in") == pytest.approx(2 * gb / bw)  # fully overlapped
+    eng.begin_step(5.0)
+    assert eng.charge(gb, bw, "pcie_out") == pytest.approx(gb / bw)  # the other direction
+    eng.begin_step(6.0)
+    assert eng.charge(gb, bw, "pcie_in") == pytest.approx(gb / bw)  # after it
+    eng.begin_step(5.01)
+    assert eng.charge(gb, bw, "pcie_in") == pytest.approx(1.5 * gb / bw)  # half overlapped
+    # in a fleet run only the policy that moves in the background pays for sharing
+    p = sim.simulate(traces=40, servers=2, hbm_kv_gib=4, progress=False, quiet=True,
+                     policies=["tiered", "trace-aware"])["policies"]
+    assert p["tiered"]["shared_link_extra_s"] == 0 and p["trace-aware"]["shared_link_extra_s"] > 0

@@ -17,6 +17,7 @@ long trace sets. JCT is per task (a root trace and its subagents) and per subage
 
 from __future__ import annotations
 
+import bisect
 import time
 import zlib
 from dataclasses import asdict, dataclass, replace
@@ -29,6 +30,7 @@ from kvtier.driver import (
     UTILISATION,
     PolicyReplay,
     PolicyRunner,
+    StepResult,
     check_policies,
     jct_stats,
     render_table,
@@ -221,17 +223,57 @@ class ModelPool:
 
 
 class ModelEngine:
-    """Transfers that take ``bytes / bandwidth`` of their link; ``elapsed_s`` adds them up."""
+    """Transfers that take ``bytes / bandwidth`` of their link; ``elapsed_s`` adds them up.
+
+    Note [Shared links]: the PCIe link (one resource per direction) and the NVMe drive (one
+    resource) carry both the steps' transfers and the background moves a trace policy makes
+    between steps. Background moves are laid on their resource's timeline from the time they are
+    issued (``now``, set by :class:`SimRunner`), one after another; a step's transfer that
+    overlaps background work on its resource gets half the link for the overlap (two flows share
+    it fairly), so it takes up to twice as long. HBM copies (device <-> engine) are not shared.
+    The background moves' own finish times are not pushed back by the steps' transfers (they are
+    timed when issued), which favours the policy that moves in the background by at most the
+    steps' own transfer time.
+    """
 
     def __init__(self, server: ServerModel, block_bytes: int) -> None:
         pcie, hbm = server.pcie_gbps * 1e9, server.hbm_gbps * 1e9
         self.bw = {("device", "engine"): hbm, ("engine", "device"): hbm, ("device", "dram"): pcie,
                    ("dram", "device"): pcie, ("dram", "engine"): pcie, ("engine", "dram"): pcie}
+        self.resource = {("device", "dram"): "pcie_out", ("engine", "dram"): "pcie_out",
+                         ("dram", "device"): "pcie_in", ("dram", "engine"): "pcie_in"}
         self.block_bytes = block_bytes
         self.elapsed_s = 0.0
+        self.now = 0.0  # virtual time of the hook in progress (SimRunner)
+        self.background = False  # True while a background move runs (the lane's measure)
+        self._step_base = 0.0  # elapsed_s when the step in progress started
+        self._bg: dict[str, list[tuple[float, float]]] = {}
+        self._bg_free: dict[str, float] = {}
+        self.shared_extra_s = 0.0  # step transfer time added by sharing a link with background moves
 
-    def charge(self, nbytes: int, bandwidth: float) -> float:
+    def begin_step(self, now: float) -> None:
+        self.now, self._step_base = now, self.elapsed_s
+
+    def charge(self, nbytes: int, bandwidth: float, resource: str | None = None) -> float:
         s = nbytes / bandwidth
+        if resource is not None and self.background:
+            start = max(self.now, self._bg_free.get(resource, 0.0))
+            self._bg_free[resource] = start + s
+            busy = self._bg.setdefault(resource, [])
+            busy.append((start, start + s))
+            if len(busy) > 4096:  # forget what ended long ago
+                del busy[: bisect.bisect_left(busy, (self.now - 3600.0, 0.0))]
+        elif resource is not None and resource in self._bg:
+            t = self.now + (self.elapsed_s - self._step_base)
+            busy = self._bg[resource]
+            overlap = 0.0
+            i = max(0, bisect.bisect_left(busy, (t, 0.0)) - 1)
+            while i < len(busy) and busy[i][0] < t + s:
+                overlap += max(0.0, min(busy[i][1], t + s) - max(busy[i][0], t))
+                i += 1
+            extra = min(s, overlap)
+            self.shared_extra_s += extra
+            s += extra
         self.elapsed_s += s
         return s
 
@@ -240,7 +282,8 @@ class ModelEngine:
         if n != len(as_block_ids(dst_ids)):
             raise InvalidArgumentError("source and destination block counts differ")
         nbytes = n * self.block_bytes
-        return _Handle(nbytes, self.charge(nbytes, self.bw[(src.kind, dst.kind)]), n)
+        link = (src.kind, dst.kind)
+        return _Handle(nbytes, self.charge(nbytes, self.bw[link], self.resource.get(link)), n)
 
 
 class ModelNvme:
@@ -256,12 +299,12 @@ class ModelNvme:
             raise OutOfCapacityError("the NVMe tier is full")
         self.used += n
         nbytes = n * self.engine.block_bytes
-        return _Handle(nbytes, self.engine.charge(nbytes, self.wr), n, np.ones(n, dtype=bool))
+        return _Handle(nbytes, self.engine.charge(nbytes, self.wr, "nvme"), n, np.ones(n, dtype=bool))
 
     def read(self, keys: np.ndarray, ids: Any) -> _Handle:
         n = len(keys)
         nbytes = n * self.engine.block_bytes
-        return _Handle(nbytes, self.engine.charge(nbytes, self.rd), n, np.ones(n, dtype=bool))
+        return _Handle(nbytes, self.engine.charge(nbytes, self.rd, "nvme"), n, np.ones(n, dtype=bool))
 
     def evict(self, keys: np.ndarray) -> int:
         self.used -= len(keys)
@@ -319,6 +362,29 @@ class ModelExecutor:
 
     def stopwatch(self) -> float:
         return self.engine.elapsed_s + self._compute_s
+
+
+class SimRunner(PolicyRunner):
+    """A :class:`PolicyRunner` that tells the modelled engine the virtual time of each hook, so
+    that background moves and step transfers share links in time (Note [Shared links])."""
+
+    engine: ModelEngine
+
+    def tick(self, now: float) -> None:
+        self.engine.now = now
+        super().tick(now)
+
+    def tool_start(self, tid: str, now: float, expected_gap_s: float | None, tool: str | None) -> None:
+        self.engine.now = now
+        super().tool_start(tid, now, expected_gap_s, tool)
+
+    def tool_end(self, tid: str, now: float) -> None:
+        self.engine.now = now
+        super().tool_end(tid, now)
+
+    def run_step(self, tid: str, k: int, ctx: np.ndarray, generate: int, now: float) -> StepResult:
+        self.engine.begin_step(now)
+        return super().run_step(tid, k, ctx, generate, now)
 
 
 # ------------------------------------------------------------------------------- the fleet
@@ -416,18 +482,24 @@ def simulate(*, server: ServerModel | str = "h100-llama3-8b", servers: int = 2, 
                 eng = backend.engine
 
                 def measure(fn: Any, eng: ModelEngine = eng) -> tuple[float, Any]:
-                    before = eng.elapsed_s
-                    out = fn()
+                    before, eng.background = eng.elapsed_s, True
+                    try:
+                        out = fn()
+                    finally:
+                        eng.background = False
                     return eng.elapsed_s - before, out
 
                 ex = ModelExecutor(server, backend, vocab)
-                runner = PolicyRunner(p, ex, make_cache, _cost(server, layout), lane=BackgroundLane(measure))
+                runner = SimRunner(p, ex, make_cache, _cost(server, layout), lane=BackgroundLane(measure))
+                runner.engine = eng
                 if runner.traces is not None:  # leases hold a kept trace's blocks through its gap
                     ex.pinned_blocks = runner.traces.kept_blocks
                 rp = PolicyReplay(runner, group)
                 while rp.step():
                     bar.advance(task)
-                reports.append((rp, rp.report(keep_tokens=False)))
+                rep = rp.report(keep_tokens=False)
+                rep["shared_link_extra_s"] = eng.shared_extra_s
+                reports.append((rp, rep))
                 runner.close()
             results[p] = _merge(reports, server, servers)
     wall = time.perf_counter() - t_wall
@@ -469,6 +541,8 @@ def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerMod
         "prefill_tokens": {k: sum(r["prefill_tokens"][k] for _, r in reports) for k in ("computed", "total")},
         "hits": {k: sum(r["hits"][k] for _, r in reports) for k in ("device", "dram", "nvme")},
         "misses": sum(r.get("misses", 0) for _, r in reports),
+        # step transfer time added by sharing PCIe/NVMe with background moves (Note [Shared links])
+        "shared_link_extra_s": sum(r.get("shared_link_extra_s", 0.0) for _, r in reports),
         "dropped_blocks": sum(r.get("dropped_blocks", 0) for _, r in reports),
         "bytes_moved": {},
     }
