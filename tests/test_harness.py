@@ -40,11 +40,10 @@ def test_coding_agent_workload_has_the_properties_of_finding_6() -> None:
     assert all(5 <= len(t.steps) <= 10 for t in roots) and subs
     peak = [max(wl.context_tokens(by_id, t, k) for k in range(len(t.steps))) for t in roots]
     assert 1500 <= np.median(peak) and max(peak) <= 2300  # contexts grow to about 2k tokens
-    assert any(s.reset for t in trs for s in t.steps)  # compactions
-    for t in trs:  # a compaction breaks the prefix: the context restarts from the system prompt
-        for s in t.steps:
-            if s.reset:
-                assert s.append[:384] == roots[0].steps[0].append[:384] if t.fork_of is None else True
+    resets = [(t, s) for t in roots for s in t.steps if s.reset]
+    assert resets  # compactions
+    for t, s in resets:  # a compaction breaks the prefix: the context restarts from the system prompt
+        assert s.append[:384] == roots[0].steps[0].append[:384] and len(s.append) == 384 + 160
     # subagents have a context of their own, starting with the subagents' shared system prompt
     assert all(t.fork_of.own_context for t in subs)
     assert len({tuple(t.steps[0].append[:256]) for t in subs}) == 1
