@@ -79,9 +79,13 @@ class ServerModel:
     # hbm_kv - pinned < the batch's need, the batch shrinks to what fits and each sequence's decode
     # slows by need / (hbm_kv - pinned).
     decode_kv_share: float = 0.0
+    # GB/s at which a decoded token reads its context's KV (Note [Attention compute]); 0: hbm_gbps
+    decode_read_gbps: float = 0.0
+    prefill_overhead_s: float = 0.0  # fixed cost of a prefill call (a replay's measured intercept)
 
     def __post_init__(self) -> None:
-        optional = ("network_gbps", "serial_decode", "attn_flops_per_pair", "attention_tflops", "decode_kv_share")
+        optional = ("network_gbps", "serial_decode", "attn_flops_per_pair", "attention_tflops", "decode_kv_share",
+                    "decode_read_gbps", "prefill_overhead_s")
         for k, v in asdict(self).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in optional and not v > 0:
                 raise InvalidArgumentError(f"server model {self.name!r}: {k} must be > 0, got {v!r}")
@@ -98,7 +102,7 @@ class ServerModel:
         """Seconds to prefill ``new`` tokens after ``cached`` (Note [Attention compute])."""
         if new <= 0:
             return 0.0
-        s = new / self.prefill_tokens_per_s
+        s = self.prefill_overhead_s + new / self.prefill_tokens_per_s
         if self.attention_tflops > 0:
             s += self.attn_flops_per_pair * (new * cached + new * new / 2) / (self.attention_tflops * 1e12)
         return s
@@ -110,7 +114,8 @@ class ServerModel:
             return 0.0
         s = tokens / self.decode_tokens_per_s
         if self.attention_tflops > 0:  # each token reads its context's KV once
-            s += tokens * (context + tokens / 2) * self.kv_bytes_per_token / (self.hbm_gbps * 1e9)
+            read = self.decode_read_gbps or self.hbm_gbps
+            s += tokens * (context + tokens / 2) * self.kv_bytes_per_token / (read * 1e9)
         if self.decode_kv_share > 0:
             need = self.decode_kv_share * self.hbm_kv_gib
             s *= max(1.0, need / max(self.hbm_kv_gib - pinned_kv_gib, need / 64))
@@ -146,6 +151,9 @@ class ServerModel:
 #     leaves ~115 GiB on an H200; H100/H200 datasheets for 80 / 141 GB).
 #   dollars_per_hour (assumed): on-demand per-GPU prices at specialised GPU clouds, 2025 (H100
 #     SXM ~$3/h, H200 ~$3.7/h); the 2-GPU 32B server twice the H100's.
+#   prefill_overhead_s: 0 in the presets (a GPU engine batches prefills; set for a replay's machine).
+#   decode_read_gbps: left 0 in the presets, so a decoded token reads its context's KV at hbm_gbps
+#     (the measured copy bandwidth, below the datasheets' 3.35 / 4.8 TB/s: conservative).
 #   kv_bytes_per_token: from the model's shape, 2 (K and V) x layers x KV heads x head dim x 2 bytes.
 #   network_gbps: 100 / 200 Gb/s NICs (unused: no remote tier yet).
 #   hbm_kv_gib: the GPU's HBM (H100 SXM 80 GB, H200 141 GB: datasheets) less the weights (16 GB
@@ -601,6 +609,10 @@ def server_like_replay(report: dict[str, Any]) -> ServerModel:
             attn = {"attn_flops_per_pair": 1.0, "attention_tflops": 1e-12 / cm["b_s_per_token_pair"]}
         if cm.get("f_s", 0) > 0:
             decode_tps = 1.0 / cm["f_s"]
+        attn["prefill_overhead_s"] = max(0.0, cm.get("e_s", 0.0))
+        if "attention_tflops" in attn and cm.get("g_s_per_context_token", 0) > 0:  # a decoded token's cost per context token
+            kv = ta["cost_model"]["block_bytes"] // ta["cost_model"]["block_tokens"]
+            attn["decode_read_gbps"] = kv / cm["g_s_per_context_token"] / 1e9
     return ServerModel(
         name="this-machine (from the replay)", model=report.get("model", ""),
         hbm_kv_gib=cfg["device_budget_bytes"] / gib, dram_kv_gib=cfg["dram_budget_bytes"] / gib,
