@@ -17,7 +17,9 @@ prefill of ``n`` new tokens after ``c`` cached ones is timed on a grid of (n, c)
 ``e + a n + b n c + d n^2`` (the shape of a transformer's cost: linear layers per token,
 attention per pair of token and context token), a decode token after ``c`` tokens as ``f + g c``;
 the report's ``compute_model`` gives the fit, the grid, and its error against measured wall time
-on held-out points the fit did not see (``docs/benchmarks.md``). On a small shared machine the model's wall time varies between
+on held-out points the fit did not see (``docs/benchmarks.md``). A fit whose held-out error's
+median is over 20% (a burst of other work on a shared machine during the grid) is measured
+again, up to three times, and the best kept (``attempts_held_out_error_median``). On a small shared machine the model's wall time varies between
 runs by more than the policies differ; this takes that noise out and keeps the rest real. It is
 the default: a policy changes which tokens are computed and how long cache work takes, not how
 fast a forward pass runs.
@@ -271,7 +273,25 @@ class ModelExecutor:
             self.reset()
         return max(0.0, best - self._timed_prefill(context, 0, reps)) / tokens
 
-    def calibrate(self, max_context: int, reps: int = 3, seed: int = 0) -> tuple[ComputeModel, dict[str, Any]]:
+    def calibrate(self, max_context: int, reps: int = 3, seed: int = 0, attempts: int = 3,
+                  good_error: float = 0.2) -> tuple[ComputeModel, dict[str, Any]]:
+        """:meth:`calibrate_once` until its held-out error's median is within ``good_error``, at
+        most ``attempts`` times; the attempt with the smallest held-out error is kept. On a busy
+        machine one burst of other work during the grid can leave a fit that is off by half."""
+        best: tuple[ComputeModel, dict[str, Any]] | None = None
+        errors = []
+        for i in range(attempts):
+            cm, info = self.calibrate_once(max_context, reps, seed + i)
+            errors.append(info["held_out_error_median"])
+            if best is None or info["held_out_error_median"] < best[1]["held_out_error_median"]:
+                best = (cm, info)
+            if info["held_out_error_median"] <= good_error:
+                break
+        assert best is not None
+        best[1]["attempts_held_out_error_median"] = errors
+        return best
+
+    def calibrate_once(self, max_context: int, reps: int = 3, seed: int = 0) -> tuple[ComputeModel, dict[str, Any]]:
         """Time prefills on a grid of (new, cached) tokens and decodes at a few context lengths,
         fit a :class:`ComputeModel`, and measure its error on held-out points (Note [Calibrated
         compute])."""
