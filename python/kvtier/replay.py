@@ -19,8 +19,9 @@ attention per pair of token and context token), a decode token after ``c`` token
 the report's ``compute_model`` gives the fit, the grid, and its error against measured wall time
 on held-out points the fit did not see (``docs/benchmarks.md``). A fit whose held-out error's
 median is over 20% (a burst of other work on a shared machine during the grid) is measured
-again, up to three times, and the best kept (``attempts_held_out_error_median``). On a small shared machine the model's wall time varies between
-runs by more than the policies differ; this takes that noise out and keeps the rest real. It is
+again, up to three times, and the best kept (``attempts_held_out_error_median``). On a small
+shared machine the model's wall time varies between runs by more than the policies differ; this
+takes that noise out and keeps the rest real. It is
 the default: a policy changes which tokens are computed and how long cache work takes, not how
 fast a forward pass runs.
 
@@ -437,7 +438,8 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                     probe.close()
                     shutil.rmtree(os.path.join(nvme_base, "calibrate"), ignore_errors=True)
             # each trace policy learns on its own copy of the cost model (observe_recompute)
-            replays[p] = PolicyReplay(PolicyRunner(p, ex, make_cache, None if cost is None else copy.deepcopy(cost)), trs)
+            own_cost = None if cost is None else copy.deepcopy(cost)
+            replays[p] = PolicyReplay(PolicyRunner(p, ex, make_cache, own_cost), trs)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task(f"replay: {', '.join(chosen)} (interleaved)", total=steps_total)

@@ -545,7 +545,8 @@ def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerMod
         "tasks_per_hour": tasks / makespan * 3600 if makespan > 0 else 0.0,  # of this run, on `servers` servers
         "sustained": held,
         # Note [Sustained throughput] in kvtier.driver: the price of the server time a task takes
-        "dollars_per_task": server.dollars_per_hour / held["tasks_per_server_hour"] if held["tasks_per_server_hour"] else 0.0,
+        "dollars_per_task": (server.dollars_per_hour / held["tasks_per_server_hour"]
+                             if held["tasks_per_server_hour"] else 0.0),
         "prefill_tokens": {k: sum(r["prefill_tokens"][k] for _, r in reports) for k in ("computed", "total")},
         "hits": {k: sum(r["hits"][k] for _, r in reports) for k in ("device", "dram", "nvme")},
         "misses": sum(r.get("misses", 0) for _, r in reports),
@@ -610,7 +611,8 @@ def server_like_replay(report: dict[str, Any]) -> ServerModel:
         if cm.get("f_s", 0) > 0:
             decode_tps = 1.0 / cm["f_s"]
         attn["prefill_overhead_s"] = max(0.0, cm.get("e_s", 0.0))
-        if "attention_tflops" in attn and cm.get("g_s_per_context_token", 0) > 0:  # a decoded token's cost per context token
+        # a decoded token's cost per context token
+        if "attention_tflops" in attn and cm.get("g_s_per_context_token", 0) > 0:
             kv = ta["cost_model"]["block_bytes"] // ta["cost_model"]["block_tokens"]
             attn["decode_read_gbps"] = kv / cm["g_s_per_context_token"] / 1e9
     return ServerModel(

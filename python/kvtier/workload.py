@@ -8,8 +8,8 @@ One JSON object per line, one trace each::
 ``fork_of`` may be ``{"trace_id": "t0", "after_step": 2}``: a subagent that starts from its
 parent's context as it was after the parent's step 2 (its appended tokens and its generated
 tokens), no earlier than its own ``arrival_s``; with ``"own_context": true`` the subagent starts
-then with a context of its own (its first step appends it), as a harness's task subagent does. ``tool_gap_s`` is the tool-call gap after the
-step (the last step's gap is ignored). A step may also name the ``tool`` it calls (gaps are learned
+then with a context of its own (its first step appends it), as a harness's task subagent does.
+``tool_gap_s`` is the tool-call gap after the step (the last step's gap is ignored). A step may also name the ``tool`` it calls (gaps are learned
 per tool) and carry the harness's hint for the gap, ``expected_gap_s``; both are optional. A step
 with ``"reset": true`` replaces the context: its ``append`` is the whole context the model sees
 (a context compaction, which breaks the prefix the trace had).
@@ -411,7 +411,8 @@ def default_workload(vocab_size: int, seed: int = 0, traces: int = 8, system_tok
         parent = out[int(p)]
         after = int(rng.integers(0, len(parent.steps) - 1))
         for _ in range(fan_out):
-            st = [step(toks(int(rng.integers(append[0], append[1] + 1))), generate) for _ in range(int(rng.integers(2, 4)))]
+            st = [step(toks(int(rng.integers(append[0], append[1] + 1))), generate)
+                  for _ in range(int(rng.integers(2, 4)))]
             out.append(Trace(f"{parent.trace_id}.sub{k}", parent.arrival_s, st, Fork(parent.trace_id, after)))
             k += 1
     validate(out, vocab_size)
