@@ -105,7 +105,7 @@ def test_a_move_done_before_the_step_costs_it_nothing_under_every_policy() -> No
     decides, and when, is the only difference)."""
     ctx_a, ctx_b = np.arange(8 * 64), 10_000 + np.arange(8 * 64)
     server = sim.PRESETS["h100-llama3-8b"]
-    compute = len(ctx_b) / server.prefill_tokens_per_s
+    compute = server.prefill_s(len(ctx_b), 0)  # linear work plus attention over its own tokens
     store = len(ctx_b) * server.kv_bytes_per_token / (server.hbm_gbps * 1e9)  # the step's own store, in HBM
     service = {}
     for policy in ("tiered", "trace-aware"):

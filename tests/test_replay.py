@@ -58,8 +58,14 @@ def test_policies_agree_on_tokens_and_order_on_prefill(model_dir: Path, tmp_path
     for r in p.values():
         assert 0 < r["busy"] <= 1
         assert set(r["jct_by_trace_s"]) == {t.trace_id for t in traces}
-        assert max(r["jct_by_trace_s"].values()) >= r["jct_s"]["p99"] - 1e-9
-    assert set(data["policies"]) == {"none", "device-lru", "tiered", "trace-aware"}
+        # tasks (root traces, with their subagents) and subagents apart; too few for a p99
+        roots = [t.trace_id for t in traces if t.fork_of is None]
+        assert r["jct_s"]["count"] == len(roots) and r["jct_subagents_s"]["count"] == len(traces) - len(roots)
+        assert r["jct_s"]["p99"] is None and r["jct_s"]["max"] == max(r["jct_by_trace_s"][t] for t in roots)
+        assert r["sustained"]["tasks_per_server_hour"] > 0
+    assert set(data["policies"]) == {"none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint"}
+    # without hints every gap is learned (or a prior); with them the hinted tools' gaps come from the hint
+    assert "hint" not in p["trace-aware-nohint"]["trace_policy"]["gap_sources"]
     for k in ("jct_s", "tasks_per_hour", "prefill_tokens", "hits", "bytes_moved", "tokens", "nvme_bytes_written_per_task"):
         assert k in data["policies"]["tiered"]
 
@@ -155,11 +161,13 @@ def test_simulator_checks_against_a_real_replay(model_dir: Path, tmp_path: Path)
     path = tmp_path / "w.jsonl"
     wl.dump(small_workload(256), path)
     out = tmp_path / "r.json"
+    # measured compute: a replay calibrated with a formula of the simulator's shape would agree by construction
     replay.run(model_dir=str(model_dir), workload=str(path), json_path=str(out), policies=["all"], progress=False,
-               device_budget=8 * 2 * 2 * 2 * 16 * 4 * 16, nvme_dir=str(tmp_path / "nvme"))
+               device_budget=8 * 2 * 2 * 2 * 16 * 4 * 16, nvme_dir=str(tmp_path / "nvme"), compute_time="measured")
     check = sim.check_against_replay(str(out), json_path=str(tmp_path / "c.json"), progress=False)
+    assert check["independent_of_the_formula"] and check["replay_compute_time"] == "measured"
     fig = check["figures"]
-    assert set(fig) == {"none", "device-lru", "tiered", "trace-aware"}
+    assert set(fig) == {"none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint"}
     # With no reuse the prefill is the whole context in both. The LRU policies place by the same
     # code in both, in (nearly) the same order, so their recomputed prefill agrees closely; the
     # time model lands within 25% of the measured JCT (a 4x window could not fail).

@@ -347,6 +347,17 @@ def test_retain_lease_expires(tmp_path: Path) -> None:
     assert (cache.locate(ta.owned_keys())[1] == 0).all() and mgr.metrics.expired_leases == 1
 
 
+def test_kept_blocks_counts_a_shared_prefix_once(tmp_path: Path) -> None:
+    """Two traces leasing the same 4-block prefix occupy 4 device blocks, not 8: the policy's
+    keep budget and the simulator's decode capacity read this (it counted per lease, and reached
+    10x the device's size in a fleet run)."""
+    cache, mgr, ta, tb, *_ = two_traces(tmp_path)
+    assert ta.retain(5.0, now=0.0) == 8 and tb.retain(5.0, now=0.0) == 8
+    assert mgr.kept_blocks() == 4 + 4 + 4 <= cache.pools[0].num_blocks
+    tb.release_retained()
+    assert mgr.kept_blocks() == 8
+
+
 def test_long_gap_under_dram_pressure_goes_to_nvme_and_back(tmp_path: Path) -> None:
     cache = make(tmp_path, device=16, dram=16, nvme=64)
     mgr = TraceManager(cache, cost(), policy=TraceAwarePolicy(dram_pressure=0.0, fill_keep=0.0))  # any use is pressure
@@ -1060,6 +1071,7 @@ class TraceWalk:
         owners: Counter = Counter()
         pins: Counter = Counter()
         leased = 0
+        leased_keys: set[bytes] = set()
         for tid, m in self.model.items():
             t = self.trace(tid)
             if t.state.value not in states[m["state"]]:
@@ -1078,6 +1090,7 @@ class TraceWalk:
                 pins.update(k.tobytes() for k in t._match.keys[: t._match.pinned])
             pins.update(k.tobytes() for k in t._lease)
             leased += len(t._lease)
+            leased_keys.update(k.tobytes() for k in t._lease)
         for held in cache.moves.pinned_keys():  # moves in flight hold their blocks (Note [Background moves])
             pins.update(k.tobytes() for k in held)
         keys = np.array(list(self.seen.values()), dtype=np.uint64).reshape(-1, 2)
@@ -1095,8 +1108,9 @@ class TraceWalk:
                 tier = cache.locate(keys[i:i + 1])[0][0]
                 self.fail(f"(d) key {keys[i].tolist()} (tier {tier}): {have_pins[i]} pins, "
                           f"but the open matches and leases hold {want_pins[i]}")
-        if self.mgr.kept_blocks() != leased:
-            self.fail(f"the manager counts {self.mgr.kept_blocks()} leased blocks, the traces hold {leased}")
+        if self.mgr._leased != leased or self.mgr.kept_blocks() != len(leased_keys):
+            self.fail(f"the manager counts {self.mgr._leased} leases on {self.mgr.kept_blocks()} distinct blocks, "
+                      f"the traces hold {leased} on {len(leased_keys)}")
         for tier in (DEVICE, DRAM):
             pool = cache.pools[tier]
             reserved = cache.moves.reserved_blocks(tier)  # targets of moves in flight

@@ -380,13 +380,13 @@ class TieredCache:
             k, i = keys[start:start + step], ids[start:start + step]
             tier = DEVICE
             try:
-                dst_ids = self._allocate(DEVICE, len(k))
+                dst_ids = self._allocate(DEVICE, len(k), now_only=True)
             except OutOfCapacityError:
                 # The device tier is pinned full: store one tier down when there is one, else skip.
                 try:
                     if self.pools[DRAM] is None:
                         raise
-                    tier, dst_ids = DRAM, self._allocate(DRAM, len(k))
+                    tier, dst_ids = DRAM, self._allocate(DRAM, len(k), now_only=True)
                     self.metrics.stored_below_blocks += len(k)
                 except OutOfCapacityError:
                     self.metrics.declined_blocks += len(k)
@@ -405,15 +405,23 @@ class TieredCache:
         reserve = 0 if staging or tier != DRAM else self.staging_reserve
         return self.pools[tier].free_blocks - reserve
 
-    def _allocate(self, tier: int, n: int, staging: bool = False) -> np.ndarray:
+    def _allocate(self, tier: int, n: int, staging: bool = False, now_only: bool = False) -> np.ndarray:
         """``n`` blocks of ``tier``, demoting its LRU blocks to make room; OutOfCapacityError when
-        the tier is too full of pinned blocks (the caller then declines to cache)."""
+        the tier is too full of pinned blocks (the caller then declines to cache). ``now_only`` (a
+        step's store): room that exists only at a later virtual time (freed by a move issued then)
+        counts as no room, so the store goes a tier down instead of waiting for the future."""
         short = n - self._free_blocks(tier, staging)
         if short > 0 and self.moves.leaving(tier):
             self.moves.wait(self.moves.leaving(tier))  # background demotions already freeing room
             short = n - self._free_blocks(tier, staging)
+        # Room that a move frees only at a later virtual time is not room yet: make it now from the
+        # LRU where there is some (an ordinary eviction), so that a store waits (charge_room below)
+        # only for room nothing else can give, under every policy alike.
+        short = max(short, n - self._free_blocks(tier, staging) + self.moves.future_room(tier))
         if short > 0:
             self._demote(tier, short, wait=True)
+        if now_only and self._free_blocks(tier, staging) - self.moves.future_room(tier) < n:
+            raise OutOfCapacityError(f"the {TIER_NAMES[tier]} tier's free room for {n} blocks exists only later")
         if self._free_blocks(tier, staging) < n:
             raise OutOfCapacityError(
                 f"the {TIER_NAMES[tier]} tier has {max(0, self._free_blocks(tier, staging))} free blocks and the "

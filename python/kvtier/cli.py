@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--model", default=None, help="local transformers causal-LM folder (default: a built-in tiny model)")
     rp.add_argument("--workload", default=None, help="JSONL workload (default: a generated agent workload)")
     rp.add_argument("--policy", action="append", default=None,
-                    help="none, device-lru, tiered, trace-aware, or all (repeatable; default: trace-aware)")
+                    help="none, device-lru, tiered, trace-aware, trace-aware-nohint (gap hints withheld), or all "
+                         "(repeatable; default: trace-aware)")
     rp.add_argument("--json", metavar="PATH", help="write the report as JSON")
     rp.add_argument("--plot", metavar="PNG", help="write a plot of JCT, prefill and hits per policy")
     rp.add_argument("--device-budget", type=_size, default=None, help="device tier size (default: 1/16 of the workload's KV: too small for it)")
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--nvme-budget", type=_size, default=None, help="NVMe tier size (default: 2x the workload's KV)")
     rp.add_argument("--traces", type=_positive_int, default=8, help="traces in the generated workload")
     rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
+    rp.add_argument("--generator", choices=("agent", "coding-agent"), default="agent",
+                    help="the generated workload (without --workload): agent (default) or coding-agent (contexts "
+                         "to ~2k tokens, compactions, task subagents with their own prompt: issue 12 finding 6)")
     rp.add_argument("--write-workload", metavar="PATH", help="write the generated workload as JSONL (real gaps, before --gap-scale) and exit")
     rp.add_argument("--compute-time", choices=("measured", "calibrated"), default="calibrated",
                     help="a step's model compute: its tokens at the model's measured per-token speed "
@@ -86,11 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="servers in the fleet (default 2: sized so that the default workload keeps them busy)")
     sm.add_argument("--traces", type=_positive_int, default=1000, help="root traces (subagents come on top)")
     sm.add_argument("--policy", action="append", default=None,
-                    help="none, device-lru, tiered, trace-aware, or all (repeatable; default: all)")
+                    help="none, device-lru, tiered, trace-aware, trace-aware-nohint (gap hints withheld), or all "
+                         "(repeatable; default: all)")
     sm.add_argument("--device-budget", type=_size, default=None,
                     help="HBM for cached KV per server (default: the server model's hbm_kv_gib)")
     sm.add_argument("--block-tokens", type=_positive_int, default=64, help="tokens per KV block (default 64)")
     sm.add_argument("--workload", default=None, help="JSONL workload (default: the fleet-scale agent workload)")
+    sm.add_argument("--generator", choices=("agent", "coding-agent"), default="agent",
+                    help="the generated fleet workload (without --workload): agent (default) or coding-agent")
     sm.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
     sm.add_argument("--json", metavar="PATH", help="write the report as JSON")
     sm.add_argument("--plot", metavar="PNG", help="write a plot of JCT, prefill and hits per policy")
@@ -168,7 +175,8 @@ def _simulate(args: argparse.Namespace) -> int:
         except ValueError:
             raise InvalidArgumentError(f"--set {item!r}: {value!r} is not a number") from None
     hbm = None if args.device_budget is None else args.device_budget / 2**30
-    workload = wl.load(args.workload) if args.workload else None
+    workload = wl.load(args.workload) if args.workload else (
+        sim.fleet_coding_workload(args.traces, args.seed) if args.generator == "coding-agent" else None)
     sim.simulate(server=server, servers=args.servers, traces=args.traces, policies=args.policy, seed=args.seed,
                  workload=workload, block_tokens=args.block_tokens, hbm_kv_gib=hbm, json_path=args.json,
                  plot_path=args.plot, progress=not args.no_progress)
@@ -199,14 +207,15 @@ def main(argv: list[str] | None = None) -> int:
 
                     vocab = int(AutoConfig.from_pretrained(args.model, local_files_only=True).vocab_size)
                 # The file holds the real (unscaled) gaps: a replay of it applies --gap-scale once.
-                wl.dump(replay.load_workload(None, vocab, args.seed, args.traces, 1.0), args.write_workload)
+                wl.dump(replay.load_workload(None, vocab, args.seed, args.traces, 1.0, args.generator),
+                        args.write_workload)
                 print(f"wrote {args.write_workload} (real gaps; a replay scales them by --gap-scale)")
                 return 0
             replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
                        plot_path=args.plot, device_budget=args.device_budget, dram_budget=args.dram_budget,
                        nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed, traces=args.traces,
                        progress=not args.no_progress, torch_threads=args.torch_threads,
-                       compute_time=args.compute_time, gap_scale=args.gap_scale)
+                       compute_time=args.compute_time, gap_scale=args.gap_scale, generator=args.generator)
             return 0
         if args.command == "simulate":
             return _simulate(args)

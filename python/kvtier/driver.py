@@ -30,6 +30,8 @@ Policies:
   tiered       kvtier's tiers below the same device budget: DRAM, NVMe, LRU demotion.
   trace-aware  the same tiers, driven by traces: gap-aware offload and prefetch, private partial
                tail blocks kept, shared prefixes held hot (kvtier.policy, kvtier.trace).
+  trace-aware-nohint  trace-aware told nothing about a gap in advance: the workload's hints are
+               withheld, every gap is estimated from the gaps it has seen (per tool, then overall).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from kvtier.policy import CostModel, TraceAwarePolicy
 from kvtier.trace import BackgroundLane, TraceManager
 from kvtier.workload import Trace
 
-POLICIES = ("none", "device-lru", "tiered", "trace-aware")
+UTILISATION = 0.8  # Note [Sustained throughput]
+POLICIES = ("none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint")
+TRACE_POLICIES = ("trace-aware", "trace-aware-nohint")  # the policies driven by a TraceManager
 DEFAULT_POLICY = "trace-aware"
 
 
@@ -99,7 +103,8 @@ class PolicyRunner:
         self.ex = executor
         self.cache = make_cache(policy) if policy != "none" else None
         self.traces: TraceManager | None = None
-        if policy == "trace-aware":
+        self.hints = policy != "trace-aware-nohint"  # False: the workload's gap hints are withheld
+        if policy in TRACE_POLICIES:
             if cost is None:
                 raise InvalidArgumentError("the trace-aware policy needs a cost model")
             self.traces = TraceManager(self.cache, cost, policy=trace_policy, lane=lane)
@@ -120,7 +125,7 @@ class PolicyRunner:
 
     def tool_start(self, tid: str, now: float, expected_gap_s: float | None, tool: str | None) -> None:
         if self.traces is not None:
-            self.traces.get(tid).tool_start(expected_gap_s, tool, now=now)
+            self.traces.get(tid).tool_start(expected_gap_s if self.hints else None, tool, now=now)
 
     def tool_end(self, tid: str, now: float) -> None:
         if self.traces is not None:
@@ -183,6 +188,54 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
+P99_MIN_TRACES = 100  # below this a p99 is the slowest trace, or between the two slowest
+
+
+def jct_stats(values: list[float]) -> dict[str, Any]:
+    """JCT percentiles, with p99 only when there are enough values for it to be more than the
+    slowest one (``P99_MIN_TRACES``); ``max`` always."""
+    n = len(values)
+    out: dict[str, Any] = {"count": n, "p50": _percentile(values, 50), "p90": _percentile(values, 90),
+                           "p99": _percentile(values, 99) if n >= P99_MIN_TRACES else None,
+                           "max": float(max(values)) if values else 0.0,
+                           "mean": float(np.mean(values)) if values else 0.0}
+    if n < P99_MIN_TRACES:
+        out["p99_note"] = f"{n} values: a p99 would be the slowest; see max"
+    return out
+
+
+def task_jcts(traces: list[Trace], start: dict[str, float], finish: dict[str, float]) -> tuple[dict[str, float],
+                                                                                               dict[str, float]]:
+    """Note [Tasks and subagents]: a task is a root trace with every subagent it started; its JCT
+    runs from the root's arrival to the end of the last of them. A subagent's own JCT runs from its
+    own start (when its parent's step ended, or its arrival if later) to its end. Returns (JCT by
+    root trace id, JCT by subagent id)."""
+    by_id = {t.trace_id: t for t in traces}
+
+    def root(t: Trace) -> str:
+        while t.fork_of is not None:
+            t = by_id[t.fork_of.trace_id]
+        return t.trace_id
+
+    end: dict[str, float] = {}
+    for t in traces:
+        r = root(t)
+        end[r] = max(end.get(r, 0.0), finish[t.trace_id])
+    tasks = {t.trace_id: end[t.trace_id] - t.arrival_s for t in traces if t.fork_of is None}
+    subs = {t.trace_id: finish[t.trace_id] - start[t.trace_id] for t in traces if t.fork_of is not None}
+    return tasks, subs
+
+
+def sustained(service_s: float, tasks: int, utilisation: float) -> dict[str, float]:
+    """Note [Sustained throughput]: what one server sustains under a policy, from the server time
+    the policy spends per task (its steps on the prefill resource: lookup, loads, prefill, store),
+    at a utilisation that keeps queueing moderate (``utilisation`` of the server's time busy),
+    rather than from one fixed run's makespan, which the longest trace sets."""
+    per_task = service_s / max(1, tasks)
+    return {"server_s_per_task": per_task, "utilisation": utilisation,
+            "tasks_per_server_hour": 3600 * utilisation / per_task if per_task > 0 else 0.0}
+
+
 class PolicyReplay:
     """One policy's run of a workload in virtual time, advanced one step at a time, so that
     several policies can be interleaved step by step (noise on a shared machine then lands on
@@ -207,6 +260,7 @@ class PolicyReplay:
                 self.contexts[t.trace_id] = np.zeros(0, dtype=np.int64)
                 runner.open(t.trace_id)
         self.server_free = 0.0
+        self.start: dict[str, float] = {t.trace_id: t.arrival_s for t in traces if t.fork_of is None}
         self.finish: dict[str, float] = {}
         self.computed = self.total = 0
         self.service: list[float] = []
@@ -232,7 +286,9 @@ class PolicyReplay:
             r.tool_end(tid, at)
         r.tick(start)
         if (tid, k) not in self.started:
-            self.contexts[tid] = np.concatenate([self.contexts[tid], np.asarray(step.append, dtype=np.int64)])
+            appended = np.asarray(step.append, dtype=np.int64)
+            # a reset step (a compaction) replaces the context instead of extending it
+            self.contexts[tid] = appended if step.reset else np.concatenate([self.contexts[tid], appended])
             self.started.add((tid, k))
         ctx = self.contexts[tid]
         res = r.run_step(tid, k, ctx, step.generate, start)
@@ -255,9 +311,11 @@ class PolicyReplay:
         ctx = self.contexts[tid] = np.concatenate([ctx, np.asarray(res.tokens, dtype=np.int64)])
         self.tokens[tid].append(res.tokens)
         for child in self.children.get((tid, k), []):
-            self.contexts[child.trace_id] = ctx
-            r.open(child.trace_id, parent=tid)
-            self._push(max(done, child.arrival_s), child.trace_id, 0)
+            own = child.fork_of.own_context  # a subagent with a context of its own, or a fork of this one
+            self.contexts[child.trace_id] = np.zeros(0, dtype=np.int64) if own else ctx
+            r.open(child.trace_id, parent=None if own else tid)
+            self.start[child.trace_id] = max(done, child.arrival_s)
+            self._push(self.start[child.trace_id], child.trace_id, 0)
         if k + 1 < len(t.steps):
             r.tool_start(tid, done, step.expected_gap_s, step.tool)
             self._push(done + step.tool_gap_s, tid, k + 1)
@@ -268,18 +326,20 @@ class PolicyReplay:
 
     def report(self, keep_tokens: bool = True) -> dict[str, Any]:
         cache = self.runner.cache
-        jct = [self.finish[t.trace_id] - t.arrival_s for t in self.traces]
+        tasks, subs = task_jcts(self.traces, self.start, self.finish)
         makespan = max(self.finish.values()) - min(t.arrival_s for t in self.traces)
         out: dict[str, Any] = {
-            "jct_s": {"p50": _percentile(jct, 50), "p99": _percentile(jct, 99), "mean": float(np.mean(jct))},
+            "jct_s": jct_stats(list(tasks.values())),  # tasks: root traces with their subagents
+            "jct_subagents_s": jct_stats(list(subs.values())),  # each from its own start
             "makespan_s": makespan,
-            "tasks_per_hour": len(self.traces) / makespan * 3600 if makespan > 0 else 0.0,
+            "tasks_per_hour": len(tasks) / makespan * 3600 if makespan > 0 else 0.0,  # of this run
+            "sustained": sustained(float(np.sum(self.service)), len(tasks), UTILISATION),
             "prefill_tokens": {"computed": self.computed, "total": self.total},
             "service_s": {"sum": float(np.sum(self.service)), "p50": _percentile(self.service, 50)},
             # the server's load: its service time over the makespan (Note [Replay load] in kvtier.replay)
             "busy": float(np.sum(self.service)) / makespan if makespan > 0 else 0.0,
             "server_held_for_restores_s": self.held_s,
-            "jct_by_trace_s": {t.trace_id: self.finish[t.trace_id] - t.arrival_s for t in self.traces},
+            "jct_by_trace_s": {**tasks, **subs},
         }
         if keep_tokens:
             out["tokens"] = self.tokens
@@ -308,7 +368,8 @@ def render_table(results: dict[str, dict[str, Any]], title: str) -> None:
 
     table = Table(title=title)
     kinds = ("keep", "dram", "nvme", "drop", "nothing")  # trace-aware decisions at tool starts
-    cols = ("policy", "JCT p50 s", "JCT p99 s", "tasks/h", "prefill computed", "hits dev/dram/nvme",
+    cols = ("policy", "task JCT p50 s", "p99 s", "subagent p50 s", "tasks/server-h", "prefill computed",
+            "hits dev/dram/nvme",
             "NVMe writes/task", "/".join(kinds), "late/prefetches, p90 ms")
     dollars = any("dollars_per_task" in r for r in results.values())
     busy = all("busy" in r for r in results.values())
@@ -321,7 +382,10 @@ def render_table(results: dict[str, dict[str, Any]], title: str) -> None:
         late = "-" if not ta else (f"{ta['prefetch_lateness_s']['late']}/{ta['prefetch_lateness_s']['count']}, "
                                    f"{ta['prefetch_lateness_s']['p90'] * 1e3:.1f}")
         extra = ([f"{r['busy']:.0%}"] if busy else []) + ([f"{r.get('dollars_per_task', 0.0):.5f}"] if dollars else [])
-        table.add_row(p, f"{r['jct_s']['p50']:.2f}", f"{r['jct_s']['p99']:.2f}", f"{r['tasks_per_hour']:.0f}",
+        j, js = r["jct_s"], r.get("jct_subagents_s", {"count": 0})
+        p99 = f"{j['p99']:.2f}" if j.get("p99") is not None else f"max {j['max']:.2f}"
+        sub = f"{js['p50']:.2f}" if js["count"] else "-"
+        table.add_row(p, f"{j['p50']:.2f}", p99, sub, f"{r['sustained']['tasks_per_server_hour']:.0f}",
                       f"{pt['computed']}/{pt['total']} ({pt['computed'] / max(1, pt['total']):.0%})",
                       f"{h['device']}/{h['dram']}/{h['nvme']}", f"{r['nvme_bytes_written_per_task'] / 2**20:.1f} MiB",
                       dec, late, *extra)
@@ -356,7 +420,8 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     x = np.arange(len(pols))
     axes[0].bar(x - 0.2, [res[p]["jct_s"]["p50"] for p in pols], 0.4, label="p50")
-    axes[0].bar(x + 0.2, [res[p]["jct_s"]["p99"] for p in pols], 0.4, label="p99")
+    few = any(res[p]["jct_s"].get("p99") is None for p in pols)
+    axes[0].bar(x + 0.2, [res[p]["jct_s"]["max" if few else "p99"] for p in pols], 0.4, label="max" if few else "p99")
     axes[0].set_title(f"JCT (s, {report.get('time_axis', 'virtual time')})")
     axes[0].legend(fontsize=8, loc="upper left")
     axes[1].bar(x, [res[p]["prefill_tokens"]["computed"] for p in pols], color="tab:orange")

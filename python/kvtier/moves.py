@@ -147,7 +147,7 @@ class MoveQueue:
         self.waited_wall_s = 0.0
         self.stats: Counter = Counter()
         # Per tier, (virtual time, blocks) freed by completed moves: room exists from then on.
-        self._freed: dict[int, list[tuple[float, int]]] = {DEVICE: [], DRAM: []}
+        self._freed: dict[int, list[tuple[float, int, float]]] = {DEVICE: [], DRAM: []}  # (done, blocks, issued)
 
     # ------------------------------------------------------------------ time
 
@@ -248,10 +248,12 @@ class MoveQueue:
                 self.blocked_until = max(self.blocked_until, m.done_at)
         self.poll()
 
-    def wait_keys(self, keys: np.ndarray, lane: str = "in", since: float = float("-inf")) -> tuple[float, float]:
+    def wait_keys(self, keys: np.ndarray, lane: str = "in", since: float = float("-inf"),
+                  until: float = float("inf")) -> tuple[float, float]:
         """Block until no move on ``lane`` (default: toward the device) is pending for ``keys``,
         nor waits for room to be made for them; returns the virtual (start, done) span of the moves
-        on that lane that touched them, issued at ``since`` or later (``(inf, -inf)``: none). Not charged: the caller decides
+        on that lane that touched them, issued at ``since`` or later and by ``until`` (or as the next
+        leg of one of those; ``(inf, -inf)``: none). Not charged: the caller decides
         what being late costs (a trace's begin_step recomputes or waits, Note [Prefetch timing])."""
         if len(keys) == 0:
             return float("inf"), float("-inf")
@@ -266,9 +268,16 @@ class MoveQueue:
                 break
             self.wait(need[:1], charge=False)
         start, done = float("inf"), float("-inf")
-        for khi, s, e, ln, issued in self._recent:
-            if ln == lane and issued >= since and np.isin(khi, hi).any():
-                start, done = min(start, s), max(done, e)
+        touched = sorted((issued, s, e) for khi, s, e, ln, issued in self._recent
+                         if ln == lane and issued >= since and np.isin(khi, hi).any())
+        for issued, s, e in touched:
+            # A later leg of a chain (NVMe -> DRAM -> device) is issued when the leg before it
+            # lands, possibly after ``until``; a move issued after ``until`` that is no such leg
+            # (another step's promotion of a shared block, handled earlier in event order) is not
+            # one the caller can be waiting for.
+            if issued > until and issued > done:
+                break
+            start, done = min(start, s), max(done, e)
         return start, done
 
     def drain(self) -> None:
@@ -309,7 +318,7 @@ class MoveQueue:
                 idx.relocate(k, m.dst, m.dst_blocks[ok])
             if m.src != NVME:
                 cache.pools[m.src].free(m.src_blocks[ok])
-                self._freed[m.src].append((m.done_at, int(ok.sum())))
+                self._freed[m.src].append((m.done_at, int(ok.sum()), m.issued_at))
             cache.metrics.record_transfer(_TIER[m.src], _TIER[m.dst], int(ok.sum()) * bb,
                                           float(getattr(m.handle, "latency_s", 0.0)))
         bad = ~ok & ~lost
@@ -359,14 +368,22 @@ class MoveQueue:
         if len(freed) > 64:
             freed[:] = [f for f in freed if f[0] > at - 600.0]
         future = sorted(f for f in freed if f[0] > at)
-        avail = free - sum(k for _, k in future)
+        avail = free - sum(f[1] for f in future)
         if n <= avail:
             return at
-        for done, k in future:
+        for done, k, _ in future:
             avail += k
             if avail >= n:
                 return done
         return future[-1][0] if future else at
+
+    def future_room(self, tier: int, at: float | None = None) -> int:
+        """Blocks of ``tier`` freed by moves *issued* after ``at`` (handled earlier in event order,
+        e.g. a tool start at the end of another trace's decode): at ``at`` that room does not exist
+        yet, and no wait makes it exist sooner. (Moves issued by ``at`` and still in flight are
+        ``room_ready_at``'s: a step may wait for those.)"""
+        at = self.at() if at is None else at
+        return sum(k for _, k, issued in self._freed.get(tier, ()) if issued > at)
 
     def charge_room(self, tier: int, n: int, free: int) -> None:
         """A step takes ``n`` blocks of ``tier``: it waits until they exist in virtual time."""

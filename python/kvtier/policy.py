@@ -30,6 +30,18 @@ background until ``headroom`` of the device and DRAM tiers is free, so that the 
 finds room at once instead of waiting on a demotion chain that may end in an NVMe write. The tool
 gap is when such work is free: the copy engines are idle while the trace waits.
 
+Note [A restore never drops]: a background restore pins the trace's blocks and promotes them to
+the device, which makes room by pushing the device's least recently used blocks into DRAM, which
+makes room by writing its own to NVMe. When DRAM is small next to a trace's context (finding 6 of
+issue 12: coding-agent contexts of ~2k tokens, 128 blocks, over a DRAM tier of 113), the blocks
+the restore pins (its DRAM blocks, and its NVMe blocks read into DRAM on the way up) leave DRAM
+no unpinned block to push down, so the device's victims were *dropped*: blocks from the middle
+of other traces' contexts, each of which costs its owner the recompute of everything after it,
+far more than the block the restore brought up. So a restore brings up, head first, only as many
+blocks as the device has free plus the room DRAM can make without touching the restore's own
+blocks; what stays below is loaded at the step (DRAM straight to the engine, NVMe through
+staging), never recomputed.
+
 Note [Prefetch timing]: a demoted trace's restore starts ``prefetch_safety`` restore times before
 its expected resume, measured from a low estimate of the gap (the hint as given; a learned gap's
 25th percentile), and at ``tool_end`` at the latest. If the restore is still running when the step
@@ -267,6 +279,15 @@ class TraceAwarePolicy:
         restore = cost.restore_s(b, DRAM if action is Action.DRAM else NVME)
         start = max(0.0, gap_low_s - self.prefetch_safety * restore - cost.demote_s(b, DRAM if action is Action.DRAM else NVME))
         return Decision(action, gap_s, gap_source, prefetch_in_s=start, reason=why, costs=costs)
+
+    def restore_budget(self, *, device_free: int, dram_evictable: int, restoring_dram: int,
+                       restoring_nvme: int, staging_reserve: int = 0) -> int:
+        """How many of a trace's blocks below the device a background restore may bring up
+        (Note [A restore never drops]): the device's free blocks, plus the device blocks it may
+        push down into DRAM room that can itself be made by demoting unpinned DRAM blocks (the
+        restore pins its own DRAM blocks, and its NVMe blocks land in DRAM first)."""
+        room_below = dram_evictable - restoring_dram - restoring_nvme - staging_reserve
+        return max(0, device_free + max(0, room_below))
 
     def late_part(self, *, late_s: float, late_tokens: int, cost: CostModel) -> bool:
         """At resume, with the restore ``late_s`` from done: True to recompute the late tokens

@@ -11,10 +11,17 @@ and the event loop are in :mod:`kvtier.driver` (Note [Virtual time]), shared wit
 
 Note [Calibrated compute]: with ``compute_time="calibrated"`` (``--compute-time calibrated``) the
 model still runs every step for real (the tokens are still compared), but a step's compute counts
-as its prefilled tokens times the prefill time per token and its generated tokens times the decode
-time per token, both measured on this machine at start-up; lookups, loads, stores, copies and I/O
-are still timed by the wall clock. On a small shared machine the model's wall time varies between
-runs by more than the policies differ; this takes that noise out and keeps the rest real. It is
+as the :class:`ComputeModel`'s time for it, measured on this machine at start-up; lookups, loads,
+stores, copies and I/O are still timed by the wall clock. Compute grows with the context: a
+prefill of ``n`` new tokens after ``c`` cached ones is timed on a grid of (n, c) and fitted as
+``e + a n + b n c + d n^2`` (the shape of a transformer's cost: linear layers per token,
+attention per pair of token and context token), a decode token after ``c`` tokens as ``f + g c``;
+the report's ``compute_model`` gives the fit, the grid, and its error against measured wall time
+on held-out points the fit did not see (``docs/benchmarks.md``). A fit whose held-out error's
+median is over 20% (a burst of other work on a shared machine during the grid) is measured
+again, up to three times, and the best kept (``attempts_held_out_error_median``). On a small
+shared machine the model's wall time varies between runs by more than the policies differ; this
+takes that noise out and keeps the rest real. It is
 the default: a policy changes which tokens are computed and how long cache work takes, not how
 fast a forward pass runs.
 
@@ -30,6 +37,7 @@ them and gets its load from fleet-sized trace counts instead.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import shutil
@@ -45,6 +53,7 @@ from kvtier import workload as wl
 from kvtier.driver import (
     DEFAULT_POLICY,
     POLICIES,
+    TRACE_POLICIES,
     PolicyReplay,
     PolicyRunner,
     check_policies,
@@ -119,11 +128,61 @@ def load_model(model_dir: str | Path) -> Any:
 # ---------------------------------------------------------------------------------------- executor
 
 
+class ComputeModel:
+    """A model's compute time on this machine as a function of what a step does (Note
+    [Calibrated compute]): ``prefill_s(new, cached)`` and ``decode_s(tokens, context)``."""
+
+    def __init__(self, prefill_coef: list[float], decode_coef: list[float]) -> None:
+        self.prefill_coef = [float(x) for x in prefill_coef]  # e, a, b, d
+        self.decode_coef = [float(x) for x in decode_coef]  # f, g
+
+    @staticmethod
+    def features(new: Any, cached: Any) -> np.ndarray:
+        n, c = np.asarray(new, dtype=float), np.asarray(cached, dtype=float)
+        return np.stack([np.ones_like(n), n, n * c, n * n], axis=-1)
+
+    def prefill_s(self, new: int, cached: int) -> float:
+        if new <= 0:
+            return 0.0
+        return max(0.0, float(self.features(new, cached) @ np.asarray(self.prefill_coef)))
+
+    def decode_s(self, tokens: int, context: int) -> float:
+        """``tokens`` generated after a ``context``-token prefix (each sees the ones before it)."""
+        if tokens <= 0:
+            return 0.0
+        f, g = self.decode_coef
+        return max(0.0, tokens * (f + g * (context + (tokens - 1) / 2)))
+
+    def as_dict(self) -> dict[str, Any]:
+        e, a, b, d = self.prefill_coef
+        f, g = self.decode_coef
+        return {"prefill_s": "e + a*new + b*new*cached + d*new^2", "e_s": e, "a_s_per_token": a,
+                "b_s_per_token_pair": b, "d_s_per_token2": d, "decode_s_per_token": "f + g*context",
+                "f_s": f, "g_s_per_context_token": g}
+
+
+def _fit_nonneg(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with coefficients >= 0 (a cost has no negative part), relative error weighted:
+    refit without the columns that come out negative (a handful of columns, so a few rounds)."""
+    w = 1.0 / np.maximum(y, 1e-9)
+    a, b = x * w[:, None], y * w
+    active = np.ones(x.shape[1], dtype=bool)
+    coef = np.zeros(x.shape[1])
+    while active.any():
+        sol = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        idx = np.flatnonzero(active)
+        active[idx[np.argmin(sol)]] = False
+    return coef
+
+
 class ModelExecutor:
     """Steps on a real transformers decoder: a :class:`KvtierCache` the cache loads into and
     stores from, and greedy ``generate``; the stopwatch is wall time."""
 
-    def __init__(self, model: Any, max_tokens: int, speed: dict[str, float] | None = None) -> None:
+    def __init__(self, model: Any, max_tokens: int, speed: ComputeModel | None = None) -> None:
         from kvtier.integrations.transformers import KvtierCache
 
         self.model = model
@@ -153,8 +212,9 @@ class ModelExecutor:
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{_CACHE_KW: self.kvc},
                                       max_new_tokens=generate, min_new_tokens=generate, do_sample=False)
         if self.speed is not None:
-            modelled = ((len(ctx) - self._cached) * self.speed["prefill_s_per_token"]
-                        + generate * self.speed["decode_s_per_token"])
+            new = len(ctx) - self._cached
+            # the first generated token comes out of the prefill's forward pass
+            modelled = self.speed.prefill_s(new, self._cached) + self.speed.decode_s(generate - 1, len(ctx))
             self._adjust += modelled - (time.perf_counter() - t0)
         return out[0, len(ctx):].tolist(), self.kvc.get_seq_length(), 0.0
 
@@ -177,6 +237,93 @@ class ModelExecutor:
         self.kvc.reset()
         return best / n
 
+    def _timed_prefill(self, new: int, cached: int, reps: int) -> float:
+        """Best of ``reps`` wall times of a ``new``-token forward pass after ``cached`` tokens."""
+        import torch
+
+        vocab = int(self.model.config.vocab_size)
+        ids = torch.arange(4, 4 + cached + new).remainder(vocab).unsqueeze(0)
+        self.kvc.reset()
+        if cached:
+            with torch.no_grad():
+                self.model(input_ids=ids[:, :cached], **{_CACHE_KW: self.kvc})
+        best = float("inf")
+        for _ in range(reps):
+            self.kvc.set_seq_length(cached)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                self.model(input_ids=ids[:, cached:], **{_CACHE_KW: self.kvc})
+            best = min(best, time.perf_counter() - t0)
+        self.kvc.reset()
+        return best
+
+    def _timed_decode(self, context: int, tokens: int, reps: int) -> float:
+        """Best of ``reps`` wall times of generating ``tokens`` after a ``context``-token prefill,
+        the prefill's own time taken off (measured alone)."""
+        ids = np.arange(4, 4 + context) % int(self.model.config.vocab_size)
+        speed, self.speed = self.speed, None
+        best = float("inf")
+        try:
+            for _ in range(reps):
+                self.reset()
+                t0 = time.perf_counter()
+                self.compute(ids, tokens + 1, "", 0)
+                best = min(best, time.perf_counter() - t0)
+        finally:
+            self.speed = speed
+            self.reset()
+        return max(0.0, best - self._timed_prefill(context, 0, reps)) / tokens
+
+    def calibrate(self, max_context: int, reps: int = 3, seed: int = 0, attempts: int = 3,
+                  good_error: float = 0.2) -> tuple[ComputeModel, dict[str, Any]]:
+        """:meth:`calibrate_once` until its held-out error's median is within ``good_error``, at
+        most ``attempts`` times; the attempt with the smallest held-out error is kept. On a busy
+        machine one burst of other work during the grid can leave a fit that is off by half."""
+        best: tuple[ComputeModel, dict[str, Any]] | None = None
+        errors = []
+        for i in range(attempts):
+            cm, info = self.calibrate_once(max_context, reps, seed + i)
+            errors.append(info["held_out_error_median"])
+            if best is None or info["held_out_error_median"] < best[1]["held_out_error_median"]:
+                best = (cm, info)
+            if info["held_out_error_median"] <= good_error:
+                break
+        assert best is not None
+        best[1]["attempts_held_out_error_median"] = errors
+        return best
+
+    def calibrate_once(self, max_context: int, reps: int = 3, seed: int = 0) -> tuple[ComputeModel, dict[str, Any]]:
+        """Time prefills on a grid of (new, cached) tokens and decodes at a few context lengths,
+        fit a :class:`ComputeModel`, and measure its error on held-out points (Note [Calibrated
+        compute])."""
+        top = max(32, min(max_context, self.kvc.max_tokens - 24))
+        news = sorted({n for n in (16, 64, 256, 1024) if n < top} | {min(top // 2, 1024)})
+        cacheds = sorted({c for c in (0, top // 4, top // 2) if c + 16 < top})
+        grid = [(n, c) for c in cacheds for n in news if n + c <= top]
+        y = np.array([self._timed_prefill(n, c, reps) for n, c in grid])
+        coef = _fit_nonneg(ComputeModel.features([g[0] for g in grid], [g[1] for g in grid]), y)
+        ctxs = sorted({16, top // 4, top // 2})
+        dec = np.array([self._timed_decode(c, 8, reps) for c in ctxs])
+        dcoef = _fit_nonneg(np.stack([np.ones(len(ctxs)), np.asarray(ctxs, dtype=float)], axis=1), dec)
+        cm = ComputeModel(list(coef), list(dcoef))
+        # Held out: points off the grid, drawn once per seed, measured the same way.
+        rng = np.random.default_rng(seed)
+        held = []
+        for _ in range(4):
+            c = int(rng.integers(0, max(1, top * 3 // 4)))
+            n = int(rng.integers(8, max(9, min(top - c, 768))))
+            wall = self._timed_prefill(n, c, reps)
+            held.append({"new": n, "cached": c, "measured_s": wall, "modelled_s": cm.prefill_s(n, c),
+                         "error": cm.prefill_s(n, c) / wall - 1 if wall > 0 else 0.0})
+        fit_err = [abs(cm.prefill_s(n, c) / t - 1) for (n, c), t in zip(grid, y) if t > 0]
+        errs = [abs(h["error"]) for h in held]
+        info = {**cm.as_dict(), "grid": [{"new": n, "cached": c, "measured_s": float(t)} for (n, c), t in zip(grid, y)],
+                "decode_grid": [{"context": c, "s_per_token": float(t)} for c, t in zip(ctxs, dec)],
+                "fit_error_median": float(np.median(fit_err)) if fit_err else 0.0,
+                "held_out": held, "held_out_error_median": float(np.median(errs)),
+                "held_out_error_max": float(np.max(errs)), "reps": reps}
+        return cm, info
+
     def decode_s_per_token(self, prompt: int = 64, tokens: int = 16) -> float:
         """Measured time per generated token after a ``prompt``-token prefill (best of 3)."""
         import torch
@@ -192,25 +339,28 @@ class ModelExecutor:
         return max(0.0, best - prompt * self.prefill_s_per_token(prompt, 1)) / tokens
 
 
-def load_workload(path: str | None, vocab: int, seed: int, traces: int, gap_scale: float) -> list[Trace]:
-    """The replay's workload: a JSONL file, or the default one; gaps scaled (Note [Replay load])."""
+GENERATORS = ("agent", "coding-agent")
+
+
+def load_workload(path: str | None, vocab: int, seed: int, traces: int, gap_scale: float,
+                  generator: str = "agent") -> list[Trace]:
+    """The replay's workload: a JSONL file, or a generated one (``generator``: ``agent``, the
+    default workload, or ``coding-agent``, Note [Coding-agent workload]); gaps scaled (Note
+    [Replay load])."""
     if path is None:
+        if generator not in GENERATORS:
+            raise InvalidArgumentError(f"unknown workload generator {generator!r}; choose from {', '.join(GENERATORS)}")
+        if generator == "coding-agent":
+            return wl.coding_agent_workload(vocab, seed=seed, traces=traces, gap_scale=gap_scale)
         return wl.default_workload(vocab, seed=seed, traces=traces, gap_scale=gap_scale)
-    return wl.scale_gaps(wl.load(path, vocab_size=vocab), gap_scale)
-
-
-def _ctx_len(by_id: dict[str, Trace], t: Trace, upto: int) -> int:
-    base = 0
-    if t.fork_of is not None:
-        base = _ctx_len(by_id, by_id[t.fork_of.trace_id], t.fork_of.after_step)
-    return base + sum(len(s.append) + s.generate for s in t.steps[: upto + 1])
+    return wl.scale_gaps(wl.load(path, vocab_size=vocab), gap_scale)  # kvtier's JSONL or Mooncake's
 
 
 def run(model_dir: str | None = None, workload: str | None = None, policies: list[str] | None = None,
         json_path: str | None = None, plot_path: str | None = None, device_budget: int | None = None,
         dram_budget: int | None = None, nvme_dir: str | None = None, nvme_budget: int | None = None,
         seed: int = 0, traces: int = 8, progress: bool = True, torch_threads: int | None = None,
-        compute_time: str = "calibrated", gap_scale: float = 0.1) -> dict[str, Any]:
+        compute_time: str = "calibrated", gap_scale: float = 0.1, generator: str = "agent") -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -239,11 +389,12 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     vocab = int(model.config.vocab_size)
-    trs = load_workload(workload, vocab, seed, traces, gap_scale)
-    workload_name = (f"default(seed={seed}, traces={traces})" if workload is None else str(workload)) + (
+    trs = load_workload(workload, vocab, seed, traces, gap_scale, generator)
+    gen_name = "default" if generator == "agent" else generator
+    workload_name = (f"{gen_name}(seed={seed}, traces={traces})" if workload is None else str(workload)) + (
         f", gaps x{gap_scale:g}" if gap_scale != 1 else "")
     by_id = {t.trace_id: t for t in trs}
-    max_ctx = max(_ctx_len(by_id, t, len(t.steps) - 1) for t in trs)
+    max_ctx = max(wl.context_tokens(by_id, t, k) for t in trs for k in range(len(t.steps)))
     max_tokens = (max_ctx // BLOCK_TOKENS + 2) * BLOCK_TOKENS
     # Budgets: by default the device tier holds 1/16 of the workload's KV and DRAM 1/8, so reuse
     # depends on what survives below it.
@@ -264,6 +415,7 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
     speed_ex = ModelExecutor(model, max_tokens)
     model_speed = {"prefill_s_per_token": speed_ex.prefill_s_per_token(),
                    "decode_s_per_token": speed_ex.decode_s_per_token()}
+    compute_model, compute_info = speed_ex.calibrate(max_ctx, seed=seed)
     del speed_ex
     try:
         def make_cache(policy: str) -> kvtier.TieredCache:
@@ -276,8 +428,8 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
 
         replays = {}
         for p in chosen:
-            ex = ModelExecutor(model, max_tokens, model_speed if compute_time == "calibrated" else None)
-            if p == "trace-aware":
+            ex = ModelExecutor(model, max_tokens, compute_model if compute_time == "calibrated" else None)
+            if p in TRACE_POLICIES and cost is None:
                 # The cost model: this model's measured prefill time per token, this machine's tiers.
                 probe = make_cache("calibrate")
                 try:
@@ -285,7 +437,9 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                 finally:
                     probe.close()
                     shutil.rmtree(os.path.join(nvme_base, "calibrate"), ignore_errors=True)
-            replays[p] = PolicyReplay(PolicyRunner(p, ex, make_cache, cost), trs)
+            # each trace policy learns on its own copy of the cost model (observe_recompute)
+            own_cost = None if cost is None else copy.deepcopy(cost)
+            replays[p] = PolicyReplay(PolicyRunner(p, ex, make_cache, own_cost), trs)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task(f"replay: {', '.join(chosen)} (interleaved)", total=steps_total)
@@ -313,8 +467,9 @@ def run(model_dir: str | None = None, workload: str | None = None, policies: lis
                    "steps": sum(len(t.steps) for t in trs), "seed": seed, "vocab_size": vocab,
                    "workload_file": None if workload is None else str(Path(workload).resolve()),
                    "workload_roots": traces, "torch_threads": threads, "compute_time": compute_time,
-                   "gap_scale": gap_scale},
+                   "gap_scale": gap_scale, "generator": generator},
         "model_speed": model_speed,
+        "compute_model": compute_info,
         "time_model": "virtual: measured step service times on this machine, virtual tool gaps and arrivals; "
                       "every policy's moves between tiers timed on the copy lanes (Note [Background moves] in kvtier.trace)",
         "tokens_identical": identical,

@@ -124,6 +124,7 @@ class TraceMetrics:
     tail_tokens_reused: int = 0  # partial-tail tokens loaded instead of recomputed
     headroom_runs: int = 0  # background demotions that kept headroom free (Note [Headroom])
     farthest_demoted_blocks: int = 0  # freed for a restore from traces back later (Note [Farthest resume first])
+    restore_capped_blocks: int = 0  # left below by a restore that had no room (Note [A restore never drops])
 
     def snapshot(self) -> dict[str, Any]:
         late = np.asarray(self.prefetch_lateness_s, dtype=float)
@@ -138,6 +139,7 @@ class TraceMetrics:
             "late_recompute_tokens": self.late_recompute_tokens, "waited_s": self.waited_s,
             "expired_leases": self.expired_leases, "tail_tokens_reused": self.tail_tokens_reused,
             "headroom_runs": self.headroom_runs, "farthest_demoted_blocks": self.farthest_demoted_blocks,
+            "restore_capped_blocks": self.restore_capped_blocks,
         }
 
 
@@ -240,7 +242,8 @@ class Trace:
         # than waiting; otherwise tell the caller to come back when it is done.
         late_tokens = 0
         if self._restore_blocks:  # wait for this trace's own restores, and only those
-            start, done = cache.moves.wait_keys(self._restore_keys, since=self._restore[0])
+            start, done = cache.moves.wait_keys(self._restore_keys, since=self._restore[0],
+                                                until=self._mgr._now(now))
             self._restore = (start, done) if done > float("-inf") else (now, now)
         start, done = self._restore
         if self._restore_blocks and not self._lateness_recorded:
@@ -396,7 +399,7 @@ class Trace:
         moves.now = at  # issued when it was due (tick may run later)
         try:
             mgr._make_room_for(self, keys)
-            cache.promote_keys(keys, DEVICE, wait=False)  # submitted: completes in the background
+            cache.promote_keys(mgr._restorable(keys), DEVICE, wait=False)  # submitted: completes in the background
         finally:
             moves.now = saved
         where, _ = cache.locate(keys)
@@ -577,8 +580,14 @@ class TraceManager:
         return dict(self._traces)
 
     def kept_blocks(self) -> int:
-        """Device blocks held by leases (kept traces, prefetched traces, retains)."""
-        return self._leased
+        """Distinct device blocks held by leases (kept traces, prefetched traces, retains): a shared
+        prefix that several traces hold counts once (it occupies the device once)."""
+        if self._leased == 0:
+            return 0
+        held = [t._lease for t in self._traces.values() if len(t._lease)]
+        if len(held) == 1:
+            return len(held[0])
+        return len(np.unique(np.concatenate(held), axis=0))
 
     def tick(self, now: float | None = None) -> None:
         """Run the prefetches that are due and end expired leases, in time order."""
@@ -619,6 +628,24 @@ class TraceManager:
                 short -= moved
                 if short <= 0:
                     break
+
+    def _restorable(self, keys: np.ndarray) -> np.ndarray:
+        """The head of ``keys``' blocks below the device that a restore may bring up without
+        dropping any block (Note [A restore never drops] in kvtier/policy.py)."""
+        cache = self.cache
+        where, _ = cache.locate(keys)
+        below = np.flatnonzero((where == DRAM) | (where == NVME))
+        if not cache.has_tier(DRAM) or len(below) == 0:
+            return keys
+        _, _, evictable = cache.index.victims(DRAM, cache.pools[DRAM].num_blocks, cache.shared_refs)
+        budget = self.policy.restore_budget(
+            device_free=cache.tier_free_blocks(DEVICE), dram_evictable=int(evictable),
+            restoring_dram=int((where == DRAM).sum()), restoring_nvme=int((where == NVME).sum()),
+            staging_reserve=cache.staging_reserve)
+        if budget >= len(below):
+            return keys
+        self.metrics.restore_capped_blocks += len(below) - budget
+        return keys[below[:budget]]
 
     def _keep_headroom(self, now: float) -> None:
         """Note [Headroom] in kvtier/policy.py."""
