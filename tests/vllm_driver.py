@@ -116,7 +116,9 @@ def script(mode: str, llm, nvme_dir: str) -> dict:
     s3 = run(llm, [ctx3], [hint(trace_id="agent-1-sub", fork_of="agent-1", close=True)])[0]
     ctx4 = ctx2 + s2["tokens"] + prompt(403, 20)
     s4 = run(llm, [ctx4], [hint(trace_id="agent-1", close=True)])[0]
-    out["trace"] = [s1, s2, s3, s4]
+    # A malformed hint (trace_id not a string): the request runs without hints, counted.
+    s5 = run(llm, [ctx + prompt(404, 10)], [hint(trace_id=5)])[0]
+    out["trace"] = [s1, s2, s3, s4, s5]
     # Push the prompts' blocks down to NVMe, corrupt every NVMe payload, ask again.
     out["fillers"] = run(llm, FILLERS)
     if mode == "kvtier":

