@@ -173,3 +173,14 @@ def test_bad_extra_config_refuses_to_start_naming_the_key(model_dir: str, tmp_pa
     result, log = drive("badconfig", model_dir, tmp_path / "nvme", tmp_path)
     assert "error" in result
     assert "unknown key 'dram_byte'" in log and "dram_bytes" in log
+
+
+def test_replay_engine_vllm_names_missing_peers_and_bad_configs() -> None:
+    from kvtier import vllm_replay
+
+    for peer in vllm_replay.PEERS:
+        why = vllm_replay._peer_missing(peer)
+        if not torch.cuda.is_available():
+            assert why and ("GPU" in why or "not installed" in why)
+    with pytest.raises(InvalidArgumentError, match="unknown configuration 'lru'"):
+        vllm_replay.run(configs=["lru"], progress=False)
