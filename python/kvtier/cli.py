@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vllm: drive a real vLLM engine in wall-clock time with the configurations engine, "
                          "example, kvtier-tiered, kvtier-trace-aware (docs/vllm.md)")
     rp.add_argument("--repeats", type=_positive_int, default=1, help="--engine vllm: runs of each configuration")
-    rp.add_argument("--vllm-blocks", type=_positive_int, default=24,
-                    help="--engine vllm: vLLM's own KV cache in blocks (default 24: less than the workload)")
+    rp.add_argument("--vllm-blocks", type=_positive_int, default=16,
+                    help="--engine vllm: vLLM's own KV cache in 128-token blocks (default 16: less than the workload)")
 
     sm = sub.add_parser("simulate", help="SIMULATION: the cache policies at fleet scale on a modelled GPU server")
     sm.add_argument("--server", default="h100-llama3-8b", help="server model preset (see --list-servers)")

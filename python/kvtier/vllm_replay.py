@@ -44,8 +44,8 @@ BLOCK = 128  # vLLM's CPU block size
 
 
 def _engine_kwargs(config: str, model: str, work: str, vllm_blocks: int, dram_bytes: int,
-                   nvme_bytes: int) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
+                   nvme_bytes: int, max_model_len: int) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=max_model_len,
                               enforce_eager=True, seed=0, max_num_seqs=16, max_num_batched_tokens=2048,
                               num_gpu_blocks_override=vllm_blocks, disable_log_stats=True)
     if config == "example":
@@ -134,7 +134,8 @@ def _child(args: argparse.Namespace) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     traces = wl.load(args.workload)
-    kw = _engine_kwargs(args.child, args.model, args.work, args.vllm_blocks, args.dram_bytes, args.nvme_bytes)
+    kw = _engine_kwargs(args.child, args.model, args.work, args.vllm_blocks, args.dram_bytes, args.nvme_bytes,
+                        args.max_model_len)
     result: dict[str, Any] = {"config": args.child}
     try:
         t0 = time.perf_counter()
@@ -207,7 +208,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(model_dir: str | None = None, workload: str | None = None, json_path: str | None = None,
         plot_path: str | None = None, seed: int = 0, traces: int = 8, gap_scale: float = 0.1,
-        repeats: int = 1, configs: list[str] | None = None, vllm_blocks: int = 24, dram_bytes: int | None = None,
+        repeats: int = 1, configs: list[str] | None = None, vllm_blocks: int = 16, dram_bytes: int | None = None,
         nvme_bytes: int | None = None, progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
 
@@ -238,6 +239,13 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
         wl_path = os.path.join(tmp, "workload.jsonl")
         wl.dump(trs, wl_path)
         workload_tokens = sum(len(s.append) + s.generate for t in trs for s in t.steps)
+        by_id = {t.trace_id: t for t in trs}
+        max_ctx = max(replay._ctx_len(by_id, t, len(t.steps) - 1) for t in trs)
+        max_model_len = -(-(max_ctx + 16) // BLOCK) * BLOCK
+        if vllm_blocks * BLOCK <= max_model_len:
+            raise InvalidArgumentError(
+                f"--vllm-blocks {vllm_blocks} ({vllm_blocks * BLOCK} tokens) cannot hold this workload's longest "
+                f"context ({max_ctx} tokens); give at least {max_model_len // BLOCK + 1}")
         dram = dram_bytes or max(8 * block_bytes, (workload_tokens // BLOCK) * block_bytes // 2)
         nvme = nvme_bytes or max(64 * block_bytes, 4 * (workload_tokens // BLOCK + 1) * block_bytes)
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
@@ -253,14 +261,15 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
                     console.print(f"[{rep + 1}/{repeats}] {c} ...")
                 cmd = [sys.executable, "-m", "kvtier.vllm_replay", "--child", c, "--model", model_dir,
                        "--workload", wl_path, "--work", work, "--out", out, "--vllm-blocks", str(vllm_blocks),
-                       "--dram-bytes", str(dram), "--nvme-bytes", str(nvme)]
+                       "--dram-bytes", str(dram), "--nvme-bytes", str(nvme), "--max-model-len", str(max_model_len)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if not os.path.exists(out):
                     errors[c] = f"the engine process failed (rc={proc.returncode}): {proc.stderr[-2000:]}"
                     continue
                 res = json.loads(Path(out).read_text())
                 if "error" in res:
-                    errors[c] = res["error"]
+                    log = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln]
+                    errors[c] = res["error"] + ("; " + log[-1].strip()[-400:] if log else "")
                     continue
                 runs[c].append(res)
     policies: dict[str, Any] = {}
@@ -288,18 +297,20 @@ def _render(report: dict[str, Any], console: Any) -> None:
     table = Table(title=f"{report['title']}: {report['traces']} traces, {report['repeats']} repeat(s), "
                         f"vLLM cache {report['vllm_blocks']} blocks")
     for col in ("config", "JCT p50 s [min-max]", "JCT p99 s", "TTFT p50 s", "prefill computed", "hits dev/dram/nvme",
-                "connector s/request"):
+                "connector s/request (or why missing)"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for c, r in report["policies"].items():
         if "missing" in r:
-            table.add_row(c, f"missing: {r['missing'][:70]}", "", "", "", "", "")
+            table.add_row(c, "missing", "", "", "", "", r["missing"][:60])
             continue
         j, pt, h = r["jct_s"], r["prefill_tokens"], r["hits"]
         table.add_row(c, f"{j['p50']:.2f} [{j['p50_spread'][0]:.2f}-{j['p50_spread'][1]:.2f}]", f"{j['p99']:.2f}",
                       f"{r['ttft_s']['median']:.3f}", f"{pt['computed']}/{pt['total']}",
                       f"{h['device']}/{h['dram']}/{h['nvme']}",
                       f"{r['connector_s_per_request'] * 1e3:.2f} ms" if "connector_s_per_request" in r else "-")
-    console.print(table)
+    from rich.console import Console
+
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     console.print(f"tokens identical in every configuration: {report['tokens_identical']}")
 
 
@@ -313,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vllm-blocks", type=int, required=True)
     p.add_argument("--dram-bytes", type=int, required=True)
     p.add_argument("--nvme-bytes", type=int, required=True)
+    p.add_argument("--max-model-len", type=int, required=True)
     _child(p.parse_args(argv))
 
 

@@ -47,14 +47,16 @@ Note [Nothing blocks the scheduler or the model runner]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 - Lookups and metadata are index reads and hashing (C++); ``KvtierWorkerMetadata.stats`` and
   ``kv_transfer_params["kvtier"]["scheduler"]`` report their cost (``lookup_s``, ``meta_s``).
-- Loads from kvtier's DRAM pools (policy ``tiered``, no NVMe block) are copies started in
-  ``start_load_kv`` on the copy engine's own threads and awaited in the first
-  ``wait_for_layer_load`` (vLLM's CPU attention needs a block's every layer in the first layer's
-  step, and one kvtier block is all layers of a vLLM block, so per-layer waits would buy nothing
-  on CPU). A hit that needs an NVMe block, and every load under the trace-aware policy (the
-  mover may be moving a trace's blocks, holding the cache), is **asynchronous**
-  (``load_kv_async=True``): the mover thread reads it and ``get_finished`` reports the request
-  ready; vLLM schedules other requests meanwhile.
+- Loads from kvtier's DRAM pools are copies started in ``start_load_kv`` on the copy engine's
+  own threads and awaited in the first ``wait_for_layer_load`` (vLLM's CPU attention needs a
+  block's every layer in the first layer's step, and one kvtier block is all layers of a vLLM
+  block, so per-layer waits would buy nothing on CPU). Under the trace-aware policy the mover may
+  be holding the cache for a trace's move: ``start_load_kv`` then does not wait for it, it reports
+  the blocks as load errors and vLLM recomputes them (counted in ``sync_loads_recomputed_busy``).
+  A hit that needs an NVMe block, and the first step of a trace back from a tool call (its
+  restore may be in flight), is **asynchronous** (``load_kv_async=True``): the mover thread
+  reads it, after the restore, and ``get_finished`` reports the request ready; vLLM schedules
+  other requests meanwhile.
 - Saves: after each forward (``wait_for_save``) the blocks that became full are queued to the
   mover thread, which copies them into kvtier (full blocks are immutable in vLLM while their
   request holds them). A finished request's blocks are held (``delay_free``) only until its queued
@@ -484,6 +486,8 @@ class _ReqState:
     has_saves: bool = False
     hint: TraceHint | None = None
     external_tokens: int = 0
+    begun: bool = False  # the trace's "begin" event was sent
+    in_gap: bool = False  # the trace was in a tool call when this step arrived
 
 
 class _SchedulerSide:
@@ -539,6 +543,15 @@ class _SchedulerSide:
         self.lookups.pop(rid, None)
         self.stats["lookups"] += 1
         tokens = request.all_token_ids
+        in_gap = False
+        if st.hint is not None and self.conn.config.policy == "trace-aware" and not st.begun:
+            # The step begins now: the worker ends the trace's gap (its restore starts, on the
+            # mover) before this request's load, which the mover runs after it.
+            st.begun = True
+            in_gap = st.hint.trace_id in self.traces_in_gap
+            self.traces_in_gap.discard(st.hint.trace_id)
+            self.pending_events.append(TraceEvent("begin", rid, st.hint, np.asarray(tokens, dtype=np.int64)))
+            st.in_gap = in_gap
         limit = (len(tokens) - 1) // self.bt  # leave at least one token to compute
         if limit * self.bt <= num_computed_tokens:
             return 0, False
@@ -548,9 +561,9 @@ class _SchedulerSide:
         if hit_tokens <= num_computed_tokens:
             return 0, False
         local = num_computed_tokens // self.bt
-        # Under the trace-aware policy the mover may be moving a trace's blocks (it holds the cache
-        # for that): every load goes through it, so the model runner never waits on the cache lock.
-        is_async = bool((tiers[local:n] == NVME).any()) or self.conn.config.policy == "trace-aware"
+        # A trace back from its tool call may still be being restored by the mover: its load goes
+        # through the mover too, after the restore (Note [Nothing blocks the scheduler ...]).
+        is_async = bool((tiers[local:n] == NVME).any()) or st.in_gap
         self.lookups[rid] = _Lookup(local, int(n), keys[:n], is_async)
         return hit_tokens - num_computed_tokens, is_async
 
@@ -597,10 +610,6 @@ class _SchedulerSide:
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0])
-            if st.hint is not None and self.conn.config.policy == "trace-aware":
-                ctx = np.asarray(st.request.all_token_ids, dtype=np.int64)
-                meta.events.insert(0, TraceEvent("begin", new.req_id, st.hint, ctx))
-                self.traces_in_gap.discard(st.hint.trace_id)
         cached = so.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", set()) or set()
         for i, rid in enumerate(cached.req_ids):
@@ -725,7 +734,7 @@ class _WorkerSide:
         self.last_snap = 0.0
         self.known: list[np.ndarray] = []  # keys stored through this worker (pruned at snapshots)
         self.stats = {"loaded_blocks": 0, "load_error_blocks": 0, "saved_blocks": 0, "sync_loads": 0,
-                      "async_loads": 0, "trace_events": 0, "trace_errors": 0, "mover_busy_s": 0.0}
+                      "async_loads": 0, "sync_loads_recomputed_busy": 0, "trace_events": 0, "trace_errors": 0, "mover_busy_s": 0.0}
         self.cache_stats: dict[str, Any] = {}
         self.thread: threading.Thread | None = None
         self.closed = False
@@ -771,7 +780,10 @@ class _WorkerSide:
             try:
                 job = self.jobs.get(timeout=0.05)
             except queue.Empty:
-                if self.traces is not None:
+                # TraceManager is only touched on this thread: reading when its next move is due
+                # needs no lock; the lock is taken only when one is.
+                due = self.traces.next_due() if self.traces is not None else None
+                if due is not None and due <= time.monotonic():
                     with self.lock:
                         self._guard(self.traces.tick)
                 continue
@@ -813,17 +825,27 @@ class _WorkerSide:
         return h, m
 
     def start_load(self, meta: KvtierMetadata) -> None:
+        # Events in the order the scheduler saw them (a step's finish before the next step's begin);
+        # a finished request's saves were queued by an earlier step's wait_for_save.
         for ev in meta.events:
-            if ev.kind == "begin":
-                self.jobs.put(lambda ev=ev: self._trace_event(ev))
+            self.jobs.put(lambda ev=ev: self._trace_event(ev))
         for order in meta.loads:
             if order.is_async:
                 self.stats["async_loads"] += 1
                 self.jobs.put(lambda o=order: self._async_load(o))
             else:
                 self.stats["sync_loads"] += 1
-                with self.lock:
+                # Under the trace-aware policy the mover may hold the cache for a trace's move: never
+                # wait for it here; the blocks are recomputed instead (Note [Nothing blocks ...]).
+                if not self.lock.acquire(blocking=self.traces is None):
+                    with self.mu:
+                        self.stats["sync_loads_recomputed_busy"] += 1
+                        self.load_errors.update(int(b) for b in order.block_ids)
+                    continue
+                try:
                     self.sync_loads.append(self._load(order))
+                finally:
+                    self.lock.release()
 
     def _async_load(self, order: LoadOrder) -> None:
         try:
@@ -859,9 +881,6 @@ class _WorkerSide:
                 self.saving.add(order.req_id)
         for order in meta.saves:
             self.jobs.put(lambda o=order: self._save(o))
-        for ev in meta.events:
-            if ev.kind == "finish":
-                self.jobs.put(lambda ev=ev: self._trace_event(ev))
         self.jobs.put(lambda s=meta.seq: self._mark_done(s))
 
     def _save(self, order: SaveOrder) -> None:
