@@ -185,9 +185,10 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         total.append(sum(s["prompt"] for s in r["steps"]))
         last = max((s["kvtier"] for s in r["steps"] if s["kvtier"]), default={},
                    key=lambda k: k.get("scheduler", {}).get("lookups", 0))
-        w = last.get("worker", {}).get("hits", {})
-        for t in hits:
-            hits[t].append(int(w.get(t, 0)))
+        w = last.get("worker", {}).get("loaded_from")
+        if w is not None:  # blocks kvtier loaded into vLLM, by the tier they came from
+            for t in hits:
+                hits[t].append(int(w.get(t, 0)))
         sch = last.get("scheduler", {})
         if sch.get("lookups"):
             lookups.append((sch.get("lookup_s", 0.0) + sch.get("meta_s", 0.0)) / max(1, len(r["steps"])))
@@ -197,7 +198,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
            "ttft_s": med(ttfts),
            "prefill_tokens": {"computed": int(np.median(computed)), "total": int(np.median(total)),
                               "computed_spread": [int(min(computed)), int(max(computed))]},
-           "hits": {t: int(np.median(v)) for t, v in hits.items()},
+           "hits": {t: int(np.median(v)) if v else 0 for t, v in hits.items()},
            "repeats": len(runs), "startup_s": med([r["startup_s"] for r in runs]),
            "tokens": runs[0]["tokens"]}
     if lookups:
@@ -287,8 +288,19 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
     _render(report, console)
     if not same:
         console.print("[red]configurations generated different tokens[/red]")
-    save_report(report, json_path, plot_path if ran else None, console)
+    save_report(report, json_path, None, console)
+    if plot_path and ran:
+        plot_report(report, plot_path)
+        console.print(f"wrote {plot_path}")
     return report
+
+
+def plot_report(report: dict[str, Any], path: str) -> None:
+    """The replay's plot (kvtier.driver.plot) of the configurations that ran."""
+    from kvtier.driver import plot
+
+    ran = {c: r for c, r in report["policies"].items() if "missing" not in r}
+    plot(dict(report, policies=ran), path)
 
 
 def _render(report: dict[str, Any], console: Any) -> None:
