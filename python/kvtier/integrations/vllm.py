@@ -747,8 +747,12 @@ class _WorkerSide:
             raise InvalidArgumentError("KvtierConnector: vLLM registered no KV cache tensors")
         layout = self.conn.layout
         kind = _kind_for(tensors[0], layout)
-        self.conn.kind = kind
-        self.conn.salt = _salt(self.conn._vllm_config, layout, kind, self.cfg)
+        if kind != self.conn.kind:
+            # The scheduler keys blocks with the arrangement it expects for this device (it never
+            # sees the tensors); a different one would put blocks of another layout under its keys.
+            raise InvalidArgumentError(
+                f"KvtierConnector expects vLLM's {self.conn.kind} KV layout on {self.conn.device}; this engine's "
+                f"KV tensors are {kind} (shape {tuple(tensors[0].shape)})")
         self.reg = register_kv(tensors, layout, kind)
         dev = max(layout.block_bytes, self.cfg.dram_bytes // 2 if self.cfg.nvme_dir else self.cfg.dram_bytes)
         dram = self.cfg.dram_bytes - dev if self.cfg.nvme_dir else 0
