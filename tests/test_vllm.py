@@ -27,7 +27,9 @@ from kvtier.errors import InvalidArgumentError  # noqa: E402
 from kvtier.integrations.vllm import KvtierConfig, parse_hint  # noqa: E402
 
 DRIVER = Path(__file__).with_name("vllm_driver.py")
-pytestmark = [pytest.mark.vllm]
+# An engine takes 20-70 s to start on the shared 2-core machine; the module's engines start in the
+# first engine test (the module fixture).
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
 
 
 # ------------------------------------------------------------------ no engine
