@@ -186,3 +186,32 @@ def test_replay_engine_vllm_names_missing_peers_and_bad_configs() -> None:
             assert why and ("GPU" in why or "not installed" in why)
     with pytest.raises(InvalidArgumentError, match="unknown configuration 'lru'"):
         vllm_replay.run(configs=["lru"], progress=False)
+
+
+def test_replay_engine_vllm_sizes_the_engine_from_the_longest_context(model_dir: str) -> None:
+    """The engine's cache is checked against the workload's longest context (after resets and forks)
+    before any engine starts; a cache that cannot hold it is refused with the size it needs."""
+    from kvtier import vllm_replay
+
+    with pytest.raises(InvalidArgumentError, match=r"--vllm-blocks 1 .*longest context \(\d+ tokens\); give at least"):
+        vllm_replay.run(model_dir=model_dir, traces=2, vllm_blocks=1, configs=["engine"], progress=False)
+
+
+@pytest.mark.slow
+def test_replay_engine_vllm_runs_end_to_end(model_dir: str, tmp_path: Path) -> None:
+    """Two configurations through the whole replay (child engines, summaries, JSON): the same
+    tokens, prefill counted from vLLM, and kvtier's blocks loaded from its own tiers."""
+    from kvtier import vllm_replay
+
+    out = tmp_path / "vrep.json"
+    rep = vllm_replay.run(model_dir=model_dir, traces=2, gap_scale=0.02, vllm_blocks=24,
+                          configs=["engine", "kvtier-tiered"], json_path=str(out), progress=False)
+    assert json.loads(out.read_text())["policies"].keys() == rep["policies"].keys()
+    eng, kv = rep["policies"]["engine"], rep["policies"]["kvtier-tiered"]
+    assert "missing" not in eng and "missing" not in kv, (eng.get("missing"), kv.get("missing"))
+    assert rep["tokens_identical"] is True
+    assert eng["prefill_tokens"]["total"] == kv["prefill_tokens"]["total"] > 0
+    assert kv["prefill_tokens"]["computed"] <= eng["prefill_tokens"]["computed"]
+    assert kv["jct_s"]["p50"] > 0 and "connector_s_per_request" in kv
+    for peer in vllm_replay.PEERS:
+        assert "missing" in rep["policies"][peer]

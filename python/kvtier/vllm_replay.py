@@ -241,7 +241,7 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
         wl.dump(trs, wl_path)
         workload_tokens = sum(len(s.append) + s.generate for t in trs for s in t.steps)
         by_id = {t.trace_id: t for t in trs}
-        max_ctx = max(replay._ctx_len(by_id, t, len(t.steps) - 1) for t in trs)
+        max_ctx = max(wl.context_tokens(by_id, t, k) for t in trs for k in range(len(t.steps)))
         max_model_len = -(-(max_ctx + 16) // BLOCK) * BLOCK
         if vllm_blocks * BLOCK <= max_model_len:
             raise InvalidArgumentError(
