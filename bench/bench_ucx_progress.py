@@ -6,7 +6,7 @@ and polling (spinning while transfers are in flight), same run, alternating roun
 For each transport (shm: posix,cma,tcp; tcp) and op (put, get) of 2 MiB blocks, one Peer per
 mode in turn (one UCX agent per process: the modes alternate by closing and reopening it) moves
 the same block list to and from a worker process (running in the same mode). Reports the median
-GB/s per mode and the paired ratio poll/event (kvtier.benchmarks.nvme.paired_ratio).
+GB/s per mode and the paired ratio poll/event (kvtier.harness.benchmarks.nvme.paired_ratio).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import argparse
 import json
 import statistics
 
-from kvtier.benchmarks.nvme import paired_ratio
-from kvtier.benchmarks.remote import NET_DEVICES, TRANSPORTS, _Worker
+from kvtier.harness.benchmarks.nvme import paired_ratio
+from kvtier.harness.benchmarks.remote import NET_DEVICES, TRANSPORTS, _Worker
 
 
 def one(mode: str, tls: str, op: str, n: int, block_bytes: int) -> float:

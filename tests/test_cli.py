@@ -118,7 +118,7 @@ def test_bench_nvme_json_shape(tmp_path, case: str) -> None:
         assert ("gbps" in p) or p["missing"]  # measured, or missing with a reason
     # fio is installed by scripts/setup.sh (apt), so the comparison itself is exercised: a run in
     # which every peer is missing must not pass as a comparison.
-    from kvtier.benchmarks import nvme_anchors
+    from kvtier.harness.benchmarks import nvme_anchors
 
     assert nvme_anchors.fio_available() is None, "fio missing: run scripts/setup.sh (it installs fio)"
     assert r["peers"]["fio"]["gbps"] > 0 and r["anchor_gbps"] is not None
@@ -135,7 +135,7 @@ def test_bench_nvme_json_shape(tmp_path, case: str) -> None:
 
 def test_bench_nvme_fio_figure_is_best_variant_by_median() -> None:
     """fio's figure: the variant with the best median over the rounds, not each round's best."""
-    from kvtier.benchmarks.nvme import _merge_peer
+    from kvtier.harness.benchmarks.nvme import _merge_peer
 
     def rnd(a: float, b: float) -> dict:
         return {"gbps": max(a, b), "variants": {"a": {"gbps": a, "cmd": "fio a"}, "b": {"gbps": b, "cmd": "fio b"}}}
@@ -150,7 +150,7 @@ def test_bench_nvme_fio_figure_is_best_variant_by_median() -> None:
 
 def test_bench_nvme_paired_ratio_and_its_interval() -> None:
     """Note [Paired ratios]: per-round ratios, an order-statistic 95% interval of their median."""
-    from kvtier.benchmarks.nvme import _round_gbps, median_ci95, paired_ratio
+    from kvtier.harness.benchmarks.nvme import _round_gbps, median_ci95, paired_ratio
 
     assert median_ci95([1.0] * 5) is None  # [min, max] of 5 covers the median with 93.75% only
     assert median_ci95([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (1.0, 6.0)
@@ -173,8 +173,8 @@ def test_bench_nvme_paired_ratio_and_its_interval() -> None:
 def test_write_workload_holds_real_gaps_that_a_replay_scales_once(tmp_path) -> None:
     """--write-workload writes the gaps before --gap-scale; loading the file for a replay with
     the same --gap-scale scales them once (they used to be scaled twice: x0.01 by default)."""
-    from kvtier import replay
-    from kvtier import workload as wl
+    from kvtier.harness import replay
+    from kvtier.harness import workload as wl
 
     path = tmp_path / "w.jsonl"
     assert main(["replay", "--write-workload", str(path), "--traces", "4", "--seed", "3", "--gap-scale", "0.1"]) == 0
@@ -189,6 +189,7 @@ def test_write_workload_holds_real_gaps_that_a_replay_scales_once(tmp_path) -> N
 def test_submodules_named_in_the_api_docs_are_reachable() -> None:
     import subprocess as sp
 
-    code = "import kvtier; kvtier.metrics.register_traces; kvtier.workload.default_workload; kvtier.trace.calibrate"
+    code = ("import kvtier, kvtier.harness.workload; kvtier.metrics.register_traces; "
+            "kvtier.harness.workload.default_workload; kvtier.trace.calibrate")
     out = sp.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

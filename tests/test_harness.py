@@ -11,11 +11,11 @@ import pytest
 from kvtier.moves import BackgroundLane
 from kvtier import errors as kvtier_errors
 
-from kvtier import sim
-from kvtier import workload as wl
+from kvtier.harness import sim
+from kvtier.harness import workload as wl
 
 # The built-in model on this project's 2-core CI machine, as `kvtier replay` calibrated it
-# (`kvtier.sim.server_like_replay` of a replay report); budgets are set per workload below.
+# (`kvtier.harness.sim.server_like_replay` of a replay report); budgets are set per workload below.
 BUILTIN_MODEL_HERE = sim.ServerModel(
     name="built-in model, 2-core machine", hbm_kv_gib=1, dram_kv_gib=1, nvme_kv_gib=1, pcie_gbps=19.05,
     hbm_gbps=18.67, nvme_read_gbps=1.83, nvme_write_gbps=1.64, network_gbps=0.0, prefill_tokens_per_s=860.6,
@@ -95,7 +95,7 @@ def test_trace_aware_nohint_withholds_hints() -> None:
 
 
 def test_fit_recovers_a_compute_model_and_it_grows_with_context() -> None:
-    from kvtier.replay import ComputeModel, _fit_nonneg
+    from kvtier.harness.replay import ComputeModel, _fit_nonneg
 
     rng = np.random.default_rng(7)
     true = np.array([1e-3, 2e-4, 3e-8, 1.5e-8])
@@ -115,7 +115,7 @@ def test_replay_reports_its_compute_model_and_held_out_error(tmp_path) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from kvtier import replay
+    from kvtier.harness import replay
 
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -178,7 +178,7 @@ def test_decode_slows_with_kv_pinned_on_the_device() -> None:
 
 
 def test_subagent_jct_counts_from_its_own_start_and_tasks_include_them() -> None:
-    from kvtier.driver import PolicyReplay, StepResult
+    from kvtier.harness.driver import PolicyReplay, StepResult
 
     class Runner:
         cache = traces = None

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import kvtier
-from kvtier import sim
+from kvtier.harness import sim
 from kvtier.cache import DEVICE, DRAM, NVME, TieredCache
-from kvtier.driver import PolicyRunner
+from kvtier.harness.driver import PolicyRunner
 from kvtier.keys import make_salt
 from kvtier.policy import Action, CostModel, TraceAwarePolicy
 from kvtier.trace import TraceManager

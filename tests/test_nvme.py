@@ -493,7 +493,7 @@ def test_registered_kv_to_nvme_and_back(tmp_path: Path) -> None:
 def test_bench_nvme_records_memory_speed_beside_the_disk(tmp_path: Path) -> None:
     """Note [Memory speed beside the disk]: a run records memcpy and XXH3 speed per case and in
     its machine section, and each case's hash share is hashing time over kvtier's time."""
-    from kvtier.benchmarks import nvme as bench
+    from kvtier.harness.benchmarks import nvme as bench
 
     report = bench.run(directory=str(tmp_path / "d"), size_mib=4, reps=1, cases="192KiB read", progress=False)
     (r,) = report["results"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import kvtier
-from kvtier import replay
-from kvtier import workload as wl
+from kvtier.harness import replay
+from kvtier.harness import workload as wl
 from kvtier.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -156,7 +156,7 @@ def test_token_ids_are_deterministic_per_seed() -> None:
 
 
 def test_simulator_checks_against_a_real_replay(model_dir: Path, tmp_path: Path) -> None:
-    from kvtier import sim
+    from kvtier.harness import sim
 
     path = tmp_path / "w.jsonl"
     wl.dump(small_workload(256), path)
@@ -198,7 +198,7 @@ class _ScriptedRunner:
     def close_trace(self, tid: str) -> None: ...
 
     def run_step(self, tid: str, k: int, ctx: np.ndarray, generate: int, now: float):
-        from kvtier.driver import StepResult
+        from kvtier.harness.driver import StepResult
 
         wait = self.late.pop((tid, k), 0.0)
         if wait:
@@ -211,7 +211,7 @@ class _ScriptedRunner:
 def test_a_short_restore_wait_keeps_the_server(lateness: float, a_first: bool) -> None:
     """Note [Short waits keep the server]: a step late by less than a typical step's service time
     waits on the server; a longer wait lets the next ready step run first."""
-    from kvtier.driver import PolicyReplay
+    from kvtier.harness.driver import PolicyReplay
 
     steps = [wl.Step([5, 6], 1, tool_gap_s=1.0), wl.Step([8], 1)]
     traces = [wl.Trace("a", 0.0, list(steps)), wl.Trace("b", 0.5, [wl.Step([5, 6], 1, 1.0), wl.Step([9], 1)]),

@@ -389,7 +389,7 @@ def test_background_lane_fills_idle_stretches_in_time_order() -> None:
 
 
 def test_simulate_orders_policies_and_reports_cost(tmp_path: Path) -> None:
-    from kvtier import sim
+    from kvtier.harness import sim
 
     out = tmp_path / "s.json"
     rep = sim.simulate(traces=40, servers=2, hbm_kv_gib=4, progress=False, quiet=True, json_path=str(out))
@@ -416,7 +416,7 @@ def test_simulate_orders_policies_and_reports_cost(tmp_path: Path) -> None:
 
 
 def test_simulate_bad_input() -> None:
-    from kvtier import sim
+    from kvtier.harness import sim
 
     with pytest.raises(kvtier.InvalidArgumentError, match="unknown server model"):
         sim.simulate(server="tpu-v9", traces=1, progress=False, quiet=True)
@@ -442,7 +442,7 @@ def test_simulate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_workload_tool_and_hint_round_trip(tmp_path: Path) -> None:
-    from kvtier import workload as wl
+    from kvtier.harness import workload as wl
 
     trs = wl.default_workload(256, seed=2, traces=4)
     assert {s.tool for t in trs for s in t.steps} <= {x[0] for x in wl.DEFAULT_TOOLS}

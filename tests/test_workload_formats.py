@@ -1,5 +1,5 @@
 """Workload formats and generators: the Mooncake trace format (Note [Mooncake traces] in
-kvtier/workload.py), read by ``kvtier replay`` and ``kvtier simulate`` alike."""
+kvtier/harness/workload.py), read by ``kvtier replay`` and ``kvtier simulate`` alike."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import kvtier
-from kvtier import workload as wl
+from kvtier.harness import workload as wl
 from kvtier.cli import main
 
 MOONCAKE = [
@@ -86,7 +86,7 @@ def test_mooncake_replays_and_simulates(tmp_path: Path) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from kvtier import replay
+    from kvtier.harness import replay
 
     model = tmp_path / "m"
     torch.manual_seed(0)

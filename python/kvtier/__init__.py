@@ -1,7 +1,13 @@
 """kvtier: a KV-cache tiering engine for LLM inference.
 
-Block pools per tier, async copy engines between registered engine KV memory and the tiers,
-and (in later layers) prefix caching, trace-aware offload and migration.
+The package is two rooms. The library, what an inference engine embeds: block pools per tier,
+the async copy engine between registered engine KV memory and the tiers (``memory``,
+``transfer``, ``staging``, ``layout``, ``keys``), the NVMe tier (``nvme``), the tiered prefix
+cache and its background moves (``cache``, ``moves``), agent traces and the trace-aware policy
+(``trace``, ``policy``), ``metrics``, the engine integrations (``integrations``) and the
+cross-worker pieces (``cluster``). The harness, what measures it (:mod:`kvtier.harness`):
+workloads, the replay and the simulator, and the microbenchmarks. Nothing in the library
+imports the harness.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from kvtier.trace import Trace, TraceManager, TraceState
 from kvtier.nvme import NvmeTier
 from kvtier.staging import kv_to_nvme, nvme_to_kv
 from kvtier.transfer import CopyEngine, TransferHandle, default_engine
-from kvtier import metrics, trace, workload  # noqa: F401  (docs/api.md names kvtier.metrics, .trace, .workload)
+from kvtier import metrics, trace  # noqa: F401  (docs/api.md names kvtier.metrics, .trace)
 
 __all__ = [
     "LAYOUT_KINDS",

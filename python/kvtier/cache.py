@@ -127,7 +127,7 @@ class TieredCache:
         engine: the copy engine (default: a new one).
         load_chunk_blocks: blocks per load transfer (the granularity ``LoadHandle`` waits on).
         backend: where the tiers' memory comes from. ``None``: real pools, copy engine and NVMe
-            tier. ``kvtier.sim`` passes a modelled one (no bytes move; transfers take modelled
+            tier. ``kvtier.harness.sim`` passes a modelled one (no bytes move; transfers take modelled
             time), so the simulator runs this class's placement code unchanged.
     """
 

@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from kvtier import sim
-    from kvtier import workload as wl
+    from kvtier.harness import sim
+    from kvtier.harness import workload as wl
 
     if args.list_servers:
         for name, m in sim.PRESETS.items():
@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                 render(data)
             return 0
         if args.command == "replay":
-            from kvtier import replay
+            from kvtier.harness import replay
 
             if args.write_workload:
-                from kvtier import workload as wl
+                from kvtier.harness import workload as wl
 
                 vocab = 2048  # the built-in model's
                 if args.model:
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {args.write_workload} (real gaps; a replay scales them by --gap-scale)")
                 return 0
             if args.engine == "vllm":
-                from kvtier import vllm_replay
+                from kvtier.harness import vllm_replay
 
                 vllm_replay.run(model_dir=args.model, workload=args.workload, json_path=args.json, plot_path=args.plot,
                                 seed=args.seed, traces=args.traces, gap_scale=args.gap_scale, repeats=args.repeats,
@@ -234,14 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             return _simulate(args)
         if args.command == "bench" and args.suite == "copy":
-            from kvtier.benchmarks import copy
+            from kvtier.harness.benchmarks import copy
 
             size, reps = (64, 3) if args.quick else (args.size_mib, args.reps)
             copy.run(size_mib=size, reps=reps, threads=args.threads, block_tokens=args.block_tokens,
                      cases=args.cases, seed=args.seed, json_path=args.json, progress=not args.no_progress)
             return 0
         if args.command == "bench" and args.suite == "nvme":
-            from kvtier.benchmarks import nvme
+            from kvtier.harness.benchmarks import nvme
 
             size, reps = (64, 1) if args.quick else (args.size_mib, args.reps)
             nvme.run(directory=args.dir, size_mib=size, reps=reps, queue_depth=args.queue_depth,
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                      seed=args.seed, json_path=args.json, progress=not args.no_progress)
             return 0
         if args.command == "bench" and args.suite == "remote":
-            from kvtier.benchmarks import remote as remote_bench
+            from kvtier.harness.benchmarks import remote as remote_bench
 
             size, reps = (16, 2) if args.quick else (args.size_mib, args.reps)
             transports = ("shm", "tcp") if args.transport == "both" else (args.transport,)

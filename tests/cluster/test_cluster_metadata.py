@@ -572,7 +572,7 @@ def test_metrics_export(redis_server: Any) -> None:
 
 
 def test_bench_measure_runs_and_leaves_nothing(redis_server: Any) -> None:
-    from kvtier.cluster.bench import measure
+    from kvtier.harness.benchmarks.store import measure
 
     res = measure(redis_server.url, sizes=(1, 16), repeats=3, seconds=0.05)
     assert [r["keys"] for r in res["lookup"]] == [1, 16]

@@ -1,6 +1,6 @@
 """``kvtier replay --engine vllm``: the agent workload on a real vLLM engine, in wall-clock time.
 
-Each configuration runs in a child process of its own (``python -m kvtier.vllm_replay --child``),
+Each configuration runs in a child process of its own (``python -m kvtier.harness.vllm_replay --child``),
 one after the other, repeated: an ``AsyncLLM`` engine on the same model, the same workload and
 the same vLLM KV budget (``num_gpu_blocks_override``: smaller than the workload, so that vLLM's
 own cache cannot hold it). Traces run concurrently as asyncio tasks (vLLM batches them
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier import workload as wl
+from kvtier.harness import workload as wl
 from kvtier.errors import InvalidArgumentError, UnavailableError
 
 CONFIGS = ("engine", "example", "kvtier-tiered", "kvtier-trace-aware")
@@ -213,8 +213,8 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
         nvme_bytes: int | None = None, progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
 
-    from kvtier import replay
-    from kvtier.driver import save_report
+    from kvtier.harness import replay
+    from kvtier.harness.driver import save_report
 
     console = Console(stderr=True)
     try:
@@ -260,7 +260,7 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
                 out = os.path.join(work, "result.json")
                 if progress:
                     console.print(f"[{rep + 1}/{repeats}] {c} ...")
-                cmd = [sys.executable, "-m", "kvtier.vllm_replay", "--child", c, "--model", model_dir,
+                cmd = [sys.executable, "-m", "kvtier.harness.vllm_replay", "--child", c, "--model", model_dir,
                        "--workload", wl_path, "--work", work, "--out", out, "--vllm-blocks", str(vllm_blocks),
                        "--dram-bytes", str(dram), "--nvme-bytes", str(nvme), "--max-model-len", str(max_model_len)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -296,8 +296,8 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
 
 
 def plot_report(report: dict[str, Any], path: str) -> None:
-    """The replay's plot (kvtier.driver.plot) of the configurations that ran."""
-    from kvtier.driver import plot
+    """The replay's plot (kvtier.harness.driver.plot) of the configurations that ran."""
+    from kvtier.harness.driver import plot
 
     ran = {c: r for c, r in report["policies"].items() if "missing" not in r}
     plot(dict(report, policies=ran), path)

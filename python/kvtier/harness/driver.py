@@ -47,7 +47,7 @@ from kvtier.cache import TieredCache
 from kvtier.errors import InvalidArgumentError, UnavailableError
 from kvtier.policy import CostModel, TraceAwarePolicy
 from kvtier.trace import BackgroundLane, TraceManager
-from kvtier.workload import Trace
+from kvtier.harness.workload import Trace
 
 UTILISATION = 0.8  # Note [Sustained throughput]
 POLICIES = ("none", "device-lru", "tiered", "trace-aware", "trace-aware-nohint")
@@ -336,7 +336,7 @@ class PolicyReplay:
             "sustained": sustained(float(np.sum(self.service)), len(tasks), UTILISATION),
             "prefill_tokens": {"computed": self.computed, "total": self.total},
             "service_s": {"sum": float(np.sum(self.service)), "p50": _percentile(self.service, 50)},
-            # the server's load: its service time over the makespan (Note [Replay load] in kvtier.replay)
+            # the server's load: its service time over the makespan (Note [Replay load] in kvtier.harness.replay)
             "busy": float(np.sum(self.service)) / makespan if makespan > 0 else 0.0,
             "server_held_for_restores_s": self.held_s,
             "jct_by_trace_s": {**tasks, **subs},

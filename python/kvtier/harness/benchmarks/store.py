@@ -1,6 +1,6 @@
 """What the metadata store costs: ops/s and the round trip of a lookup of N keys.
 
-    python -m kvtier.cluster.bench [--url redis://host:port/0] [--sizes 1,16,128,1024,8192] [--json out.json]
+    python -m kvtier.harness.benchmarks.store [--url redis://host:port/0] [--sizes 1,16,128,1024,8192] [--json out.json]
 
 Without ``--url`` it starts its own ``redis-server`` (no persistence) on a free port in a temp
 dir and stops it after. Every figure comes with its anchor from the same run on the same server:

@@ -1,7 +1,7 @@
 """``kvtier simulate``: the cache policies at fleet scale, on a modelled GPU server, in virtual time.
 
 SIMULATION. Nothing here runs a model or moves bytes. The workload goes through the same code as
-``kvtier replay``: :mod:`kvtier.driver`'s event loop and :class:`~kvtier.driver.PolicyRunner`,
+``kvtier replay``: :mod:`kvtier.harness.driver`'s event loop and :class:`~kvtier.harness.driver.PolicyRunner`,
 :class:`~kvtier.TieredCache` with its C++ :class:`BlockIndex` (LRU, pins, trace refcounts) and
 :class:`~kvtier.TraceManager` with :class:`~kvtier.policy.TraceAwarePolicy`. Only the backend is
 modelled: the tiers' pools hand out block ids without memory, a transfer takes
@@ -11,7 +11,7 @@ decode ``tokens / decode speed``, beside other steps (continuous batching).
 The fleet is ``servers`` identical servers; each root trace goes to the server with the fewest
 traces so far, and a subagent to its parent's server. $ per task is the price of the server time
 a task takes under the policy, at the utilisation a server sustains (Note [Sustained throughput]
-in :mod:`kvtier.driver`): ``$/h / tasks per server-hour``, not a fixed run's makespan, which one
+in :mod:`kvtier.harness.driver`): ``$/h / tasks per server-hour``, not a fixed run's makespan, which one
 long trace sets. JCT is per task (a root trace and its subagents) and per subagent apart.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.cache import DEVICE, TieredCache
-from kvtier.driver import (
+from kvtier.harness.driver import (
     UTILISATION,
     PolicyReplay,
     PolicyRunner,
@@ -41,7 +41,7 @@ from kvtier.errors import InvalidArgumentError, OutOfCapacityError
 from kvtier.layout import KVLayout
 from kvtier.memory import as_block_ids
 from kvtier.policy import CostModel
-from kvtier.workload import Trace, coding_agent_workload, default_workload
+from kvtier.harness.workload import Trace, coding_agent_workload, default_workload
 
 __all__ = ["PRESETS", "ServerModel", "fleet_workload", "simulate"]
 
@@ -497,7 +497,7 @@ def _merge(reports: list[tuple[PolicyReplay, dict[str, Any]]], server: ServerMod
         "makespan_s": makespan,
         "tasks_per_hour": tasks / makespan * 3600 if makespan > 0 else 0.0,  # of this run, on `servers` servers
         "sustained": held,
-        # Note [Sustained throughput] in kvtier.driver: the price of the server time a task takes
+        # Note [Sustained throughput] in kvtier.harness.driver: the price of the server time a task takes
         "dollars_per_task": (server.dollars_per_hour / held["tasks_per_server_hour"]
                              if held["tasks_per_server_hour"] else 0.0),
         "prefill_tokens": {k: sum(r["prefill_tokens"][k] for _, r in reports) for k in ("computed", "total")},
@@ -550,7 +550,7 @@ def server_like_replay(report: dict[str, Any]) -> ServerModel:
     cfg, bw = report["config"], ta["cost_model"]["bandwidth_GBps"]
     speed = report["model_speed"]
     gib = float(1 << 30)
-    # The replay's compute model (Note [Calibrated compute] in kvtier.replay), in the simulator's
+    # The replay's compute model (Note [Calibrated compute] in kvtier.harness.replay), in the simulator's
     # terms: its per-token term as the prefill speed, its per-pair term as attention (one "flop"
     # per pair at 1 / b pairs per second), its decode intercept as the decode speed.
     cm = report.get("compute_model")
@@ -580,7 +580,7 @@ def server_like_replay(report: dict[str, Any]) -> ServerModel:
 
 
 def _p99_or_max(j: dict[str, Any]) -> float:
-    """p99, or the slowest where there are too few values for a p99 (kvtier.driver.jct_stats)."""
+    """p99, or the slowest where there are too few values for a p99 (kvtier.harness.driver.jct_stats)."""
     return j["p99"] if j.get("p99") is not None else j.get("max", 0.0)
 
 
@@ -599,7 +599,7 @@ def check_against_replay(replay_json: str, json_path: str | None = None, progres
         raise InvalidArgumentError(f"cannot read the replay report {replay_json!r}: {e}") from None
     server = server_like_replay(real)
     cfg = real["config"]
-    from kvtier.replay import load_workload
+    from kvtier.harness.replay import load_workload
 
     trs = load_workload(cfg.get("workload_file"), cfg["vocab_size"], cfg["seed"], cfg["workload_roots"],
                         cfg.get("gap_scale", 1.0), cfg.get("generator", "agent"))

@@ -25,7 +25,7 @@ perftest ``-I -E sleep``, NIXL's progress thread), except that perftest's ``ucp_
 and ucx_perftest the libucx wheel's when it is installed, NIXL the copy it bundles.
 
 Rounds, rotated turns and paired ratios are those of ``kvtier bench nvme``
-(:func:`kvtier.benchmarks.nvme.paired_ratio`, Note [Paired ratios] there).
+(:func:`kvtier.harness.benchmarks.nvme.paired_ratio`, Note [Paired ratios] there).
 """
 
 from __future__ import annotations
@@ -437,8 +437,8 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
     from rich.table import Table
 
     import kvtier
-    from kvtier.benchmarks import machine_info
-    from kvtier.benchmarks.nvme import paired_ratio
+    from kvtier.harness.benchmarks import machine_info
+    from kvtier.harness.benchmarks.nvme import paired_ratio
     from kvtier.cluster.peer import Peer
 
     console = Console(stderr=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 import kvtier
 from kvtier import _core
-from kvtier.benchmarks import machine_info
+from kvtier.harness.benchmarks import machine_info
 
 
 @dataclass(frozen=True)

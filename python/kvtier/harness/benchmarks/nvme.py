@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 import kvtier
-from kvtier.benchmarks import machine_info, nvme_anchors
+from kvtier.harness.benchmarks import machine_info, nvme_anchors
 
 
 @dataclass(frozen=True)

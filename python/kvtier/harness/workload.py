@@ -340,7 +340,7 @@ def scale_gaps(traces: list[Trace], scale: float) -> list[Trace]:
     """The same traces with every tool-call gap and gap hint multiplied by ``scale`` (> 0).
 
     Tools, their order and the spread of their gaps are kept; only the time between steps changes
-    (Note [Replay load] in :mod:`kvtier.replay`)."""
+    (Note [Replay load] in :mod:`kvtier.harness.replay`)."""
     _check_gap_scale(scale)
     if scale == 1:
         return traces

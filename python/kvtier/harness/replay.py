@@ -7,7 +7,7 @@ Time: a single inference server runs one step at a time. A step's service time i
 wall time of its cache lookup, KV load, prefill + decode and store on this machine; tool-call gaps
 and arrivals are virtual (not slept). A trace's JCT is the virtual time from its arrival to the end
 of its last step, so JCT includes queueing behind other traces, as on a real server. The policies
-and the event loop are in :mod:`kvtier.driver` (Note [Virtual time]), shared with ``kvtier simulate``.
+and the event loop are in :mod:`kvtier.harness.driver` (Note [Virtual time]), shared with ``kvtier simulate``.
 
 Note [Calibrated compute]: with ``compute_time="calibrated"`` (``--compute-time calibrated``) the
 model still runs every step for real (the tokens are still compared), but a step's compute counts
@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 
 import kvtier
-from kvtier import workload as wl
-from kvtier.driver import (
+from kvtier.harness import workload as wl
+from kvtier.harness.driver import (
     DEFAULT_POLICY,
     POLICIES,
     TRACE_POLICIES,
@@ -62,7 +62,7 @@ from kvtier.driver import (
 )
 from kvtier.errors import InvalidArgumentError
 from kvtier.trace import calibrate
-from kvtier.workload import Trace
+from kvtier.harness.workload import Trace
 
 __all__ = ["POLICIES", "build_default_model", "load_model", "load_workload", "run"]
 BLOCK_TOKENS = 16
