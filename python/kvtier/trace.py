@@ -179,6 +179,8 @@ class Trace:
         self._match: PrefixMatch | None = None
         self._step_ended = False  # end_step ran and no tool_start or begin_step since: tool_start may follow
         self.expected_resume = float("inf")  # while waiting on a tool: when the trace should be back
+        self.fence: int | None = None  # cluster ownership fence, once claimed (migrate)
+        self.migrated_to: str | None = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -476,6 +478,37 @@ class Trace:
             child._tail_tokens = self._tail_tokens.copy()
         return child
 
+    def migrate(self, to_worker: str, timeout_s: float = 10.0) -> Any:
+        """Move this trace to another worker of the cluster (the cache's
+        :class:`~kvtier.cluster.worker.ClusterWorker`): claim it (or use the fence this worker
+        holds), ask ``to_worker`` through its mailbox to pull the blocks it lacks and take over,
+        and wait for the result (a :class:`~kvtier.cluster.migration.MigrationResult`: state,
+        blocks present/moved, bytes, seconds). COMMITTED: the trace is closed here (its blocks
+        stay cached, found by content) and continues at the target. Anything else: the trace
+        stays here, usable, under the fence in ``self.fence``. Not while a step runs."""
+        self._check_open()
+        if self.state is TraceState.RUNNING:
+            raise InvalidArgumentError(f"trace {self.id!r} is running a step: migrate it between steps")
+        worker = getattr(self._mgr.cache, "cluster", None)
+        if worker is None:
+            raise InvalidArgumentError("migrate needs a ClusterWorker attached to the cache")
+        if self.fence is None:
+            self.fence = worker.store.claim_trace(self.id)
+        tail = {}
+        if self._tail_key is not None:
+            tail = {"tokens": [int(t) for t in self._tail_tokens], "full_blocks": int(len(self._keys))}
+        res = worker.request_migration(self.id, self.owned_keys(), to_worker, self.fence,
+                                       timeout_s=timeout_s, tail=tail)
+        from kvtier.cluster.migration import MigrationState
+
+        if res.state is MigrationState.COMMITTED:
+            self.migrated_to = to_worker
+            self.fence = None
+            self.close()
+        elif res.owner == worker.worker_id and res.fence is not None:
+            self.fence = int(res.fence)
+        return res
+
     def close(self) -> None:
         """The trace is done: its blocks lose this owner (they stay cached for others to match;
         its private tail is freed). Idempotent."""
@@ -567,6 +600,25 @@ class TraceManager:
             raise InvalidArgumentError(f"trace {trace_id!r} is already open")
         t = Trace(self, trace_id)
         self._traces[trace_id] = t
+        return t
+
+    def adopt(self, trace_id: str, keys: np.ndarray, tail: dict[str, Any], fence: int | None = None) -> Trace:
+        """A trace migrated here (``kvtier.cluster.worker``): open it owning ``keys`` (its full
+        blocks, then, when ``tail`` has ``tokens``, the private key of its partial tail block)."""
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 2)
+        if trace_id in self._traces:
+            self._traces[trace_id].close()
+        t = self.open(trace_id)
+        nfull = int(tail.get("full_blocks", len(keys))) if tail.get("tokens") else len(keys)
+        idx = self.cache.index
+        if len(keys):
+            idx.ref(keys)
+        t._keys = keys[:nfull].copy()
+        if nfull < len(keys):
+            t._tail_key = keys[nfull:nfull + 1].copy()
+            t._tail_tokens = np.asarray(tail["tokens"], dtype=np.int64)
+        t.fence = fence
+        t.state = TraceState.RESUMED
         return t
 
     def get(self, trace_id: str) -> Trace:
