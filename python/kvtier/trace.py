@@ -494,6 +494,14 @@ class Trace:
             raise InvalidArgumentError("migrate needs a ClusterWorker attached to the cache")
         if self.fence is None:
             self.fence = worker.store.claim_trace(self.id)
+        # Peers pull from the DRAM tier only: the trace's blocks go there first (copy, then release),
+        # and are published (the cache's operations flush the directory).
+        keys = self.owned_keys()
+        cache = self._mgr.cache
+        if len(keys):
+            cache.demote_keys(keys, DRAM)
+            if cache.has_tier(NVME):
+                cache.promote_keys(keys, DRAM)
         tail = {}
         if self._tail_key is not None:
             tail = {"tokens": [int(t) for t in self._tail_tokens], "full_blocks": int(len(self._keys))}

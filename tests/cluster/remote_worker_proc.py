@@ -12,8 +12,8 @@ line, answering each with one JSON line (``{"error": ...}`` on failure):
 - ``read`` tokens: match + load into a scratch pool; -> ``hit_blocks``, ``digests`` of the loaded
   blocks, ``exact`` (the loaded bytes are the expected ones), cache ``remote`` metrics.
 - ``corrupt`` slot: flip bytes of a DRAM slot behind the directory's back.
-- ``drop`` tokens: drop those blocks from the cache (the store frees their slots).
-- ``reuse`` tokens other: drop ``tokens``' blocks, then store ``other`` (reusing their slots).
+- ``drop`` tokens first: drop blocks ``first..`` of ``tokens`` (the store frees their slots).
+- ``reuse`` tokens first other: drop them, then store ``other`` (reusing their slots).
 - ``trace`` id tokens seq_len: run one step of a trace (begin_step, end_step).
 - ``migrate`` id target timeout_s: ``Trace.migrate`` -> the result.
 - ``begin`` id tokens: begin_step of an (adopted) trace -> hit tokens (then end_step).
@@ -155,9 +155,9 @@ def main() -> None:
                 node.worker._raw_pool.view()[cmd["slot"], :64] ^= 0xFF
                 out = {"ok": True}
             elif op == "drop":
-                out = {"dropped": node.cache.drop_keys(node.cache.keys_for(cmd["tokens"]))}
+                out = {"dropped": node.cache.drop_keys(node.cache.keys_for(cmd["tokens"])[cmd.get("first", 0):])}
             elif op == "reuse":
-                node.cache.drop_keys(node.cache.keys_for(cmd["tokens"]))
+                node.cache.drop_keys(node.cache.keys_for(cmd["tokens"])[cmd.get("first", 0):])
                 out = {"slots": node.store(cmd["other"])}
             elif op == "trace":
                 out = node.step(cmd["id"], cmd["tokens"], cmd["seq_len"])
