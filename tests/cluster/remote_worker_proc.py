@@ -3,7 +3,7 @@
     python remote_worker_proc.py '<json options>'
 
 Options: ``url``, ``worker``, ``lease_ms``, ``dram_blocks``, ``device_blocks``, ``head_dim``,
-``transfer_timeout_s``. It builds a TieredCache (device + DRAM) with a :class:`ClusterWorker`
+``transfer_timeout_s``, ``tls``. It builds a TieredCache (device + DRAM) with a :class:`ClusterWorker`
 and a TraceManager, prints ``{"ready": true, ...}``, then serves JSON commands on stdin, one a
 line, answering each with one JSON line (``{"error": ...}`` on failure):
 
@@ -60,7 +60,8 @@ class Node:
     """A worker: cache + ClusterWorker + TraceManager, and helpers the tests drive (in either process)."""
 
     def __init__(self, url: str, worker: str, *, lease_ms: int = 1000, dram_blocks: int = 256,
-                 device_blocks: int = 64, head_dim: int = 64, transfer_timeout_s: float = 5.0) -> None:
+                 device_blocks: int = 64, head_dim: int = 64, transfer_timeout_s: float = 5.0,
+                 tls: str = "posix,cma,tcp") -> None:
         import kvtier
         from kvtier.cache import TieredCache
         from kvtier.cluster.worker import ClusterWorker
@@ -75,7 +76,7 @@ class Node:
         self.traces = kvtier.TraceManager(self.cache, cost)
         self.worker = ClusterWorker(url, worker, self.cache, lease_ms=lease_ms, timeout_s=0.5,
                                     transfer_timeout_s=transfer_timeout_s, traces=self.traces,
-                                    net_devices="lo")
+                                    tls=tls, net_devices="lo")
         self.src = kvtier.HostPool(bb, num_blocks=max(dram_blocks, 64))  # the "engine's" KV
         self.dst = kvtier.HostPool(bb, num_blocks=max(dram_blocks, 64))
         self.src.allocate(self.src.num_blocks)  # engine-side blocks: always allocated
@@ -141,7 +142,8 @@ def main() -> None:
     opts = json.loads(sys.argv[1])
     node = Node(opts["url"], opts["worker"], lease_ms=opts.get("lease_ms", 1000),
                 dram_blocks=opts.get("dram_blocks", 256), device_blocks=opts.get("device_blocks", 64),
-                head_dim=opts.get("head_dim", 64), transfer_timeout_s=opts.get("transfer_timeout_s", 5.0))
+                head_dim=opts.get("head_dim", 64), transfer_timeout_s=opts.get("transfer_timeout_s", 5.0),
+                tls=opts.get("tls", "posix,cma,tcp"))
     print(json.dumps({"ready": True, "incarnation": node.worker.store.incarnation}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
