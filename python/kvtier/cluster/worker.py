@@ -354,6 +354,7 @@ class ClusterWorker:
                 return 0
             self._published[todo] = True
             self._pub_key[todo] = keys
+            self._dirty[todo] = False  # the publish replaced whatever entry the slot had
             self.metrics.published_blocks += len(todo)
             self.metrics.publish_batches += 1
             return len(todo)
@@ -378,6 +379,7 @@ class ClusterWorker:
         with cache._lock, self._track:
             self._published[slots] = True
             self._pub_key[slots] = keys
+            self._dirty[slots] = False  # the migration's publish replaced the slots' old entries
             new = cache.index._index.contains(keys) == 0
             if new.any():
                 cache.index._index.insert(keys[new], DRAM, slots[new].astype(np.int32))
