@@ -429,6 +429,18 @@ class ClusterWorker:
         self.metrics.connects += 1
         return pool
 
+    def refresh_peers(self) -> int:
+        """Drop cached peers that are no longer live or live under a new incarnation (one
+        ``workers()`` round trip; the service thread runs it once per lease). Returns how many."""
+        live = self.store.workers()
+        with self._remotes_lock:
+            stale = [w for w, (inc, rp, _) in self._remotes.items()
+                     if w not in live or live[w].incarnation != inc or not rp.alive]
+            for w in stale:
+                del self._remotes[w]
+            self.metrics.peer_drops += len(stale)
+        return len(stale)
+
     def drop_peer(self, worker_id: str) -> None:
         """Forget the cached endpoint and pool of ``worker_id`` (reconnect on next use)."""
         with self._remotes_lock:
@@ -497,6 +509,8 @@ class ClusterWorker:
         if transferred.any():
             ck = self._raw_pool.checksums(slots[transferred])
             ck_ok[transferred] = ck == rows["checksum"][transferred]
+            for w in np.unique(rows["worker"][transferred & ~ck_ok]):
+                self.drop_peer(match.workers[int(w)])  # maybe a new incarnation: reconnect next time
         out.checksum_failed = int((transferred & ~ck_ok).sum())
         ok = ck_ok
         if ok.any():
@@ -630,6 +644,7 @@ class ClusterWorker:
     # ------------------------------------------------------------------ service thread
 
     def _serve(self) -> None:
+        next_refresh = time.monotonic()
         while not self._stop.is_set():
             try:
                 item = self._mb_client.blpop([self._mailbox_key], timeout=self.mailbox_poll_s)
@@ -651,6 +666,9 @@ class ClusterWorker:
                 for mig in list(self._unsure):
                     if mig.release_unsure():
                         self._unsure.remove(mig)
+                if self._remotes and time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + self.store.lease_ms / 1000
+                    self.refresh_peers()
             except KvtierError:
                 pass
 
