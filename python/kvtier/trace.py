@@ -74,6 +74,7 @@ Example (an engine with a transformers decoder)::
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import itertools
 import os
@@ -95,6 +96,17 @@ from kvtier.policy import Action, CostModel, Decision, GapEstimator, TierState, 
 __all__ = ["BackgroundLane", "StepPlan", "Trace", "TraceManager", "TraceMetrics", "TraceState"]  # BackgroundLane: from kvtier.moves
 
 _EMPTY_KEYS = np.zeros((0, 2), dtype=np.uint64)
+
+
+def _cache_locked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a trace operation under its cache's lock (a ClusterWorker's service thread changes the
+    cache's DRAM tier from another thread; without one the lock is uncontended)."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        mgr = self._mgr if isinstance(self, Trace) else self
+        with mgr.cache._lock:
+            return fn(self, *args, **kwargs)
+    return wrapper
 
 
 class TraceState(str, enum.Enum):
@@ -216,6 +228,7 @@ class Trace:
 
     # ------------------------------------------------------------------ steps
 
+    @_cache_locked
     def begin_step(self, tokens: Sequence[int] | np.ndarray, now: float | None = None) -> StepPlan:
         """Find the cached KV for this step's context ``tokens`` (everything the model will see
         before generating), pinned until :meth:`end_step`. The trace's own partial tail block is
@@ -276,6 +289,7 @@ class Trace:
         self.state = TraceState.RUNNING
         return StepPlan(match, hit_tokens, 0.0, late_tokens)
 
+    @_cache_locked
     def end_step(self, tokens: Sequence[int] | np.ndarray, src: KVRegistration, seq_len: int,
                  now: float | None = None) -> int:
         """The step is done: ``src`` blocks hold KV for the first ``seq_len`` of ``tokens`` (block
@@ -320,6 +334,7 @@ class Trace:
 
     # ------------------------------------------------------------------ tool calls
 
+    @_cache_locked
     def tool_start(self, expected_gap_s: float | None = None, tool: str | None = None,
                    now: float | None = None) -> Decision:
         """The trace waits on a tool: decide where its private KV spends the gap, and act. Valid
@@ -379,6 +394,7 @@ class Trace:
         mgr._keep_headroom(now)
         return d
 
+    @_cache_locked
     def tool_end(self, now: float | None = None) -> None:
         """The tool returned: start the restore if it has not started (Note [Prefetch timing])."""
         self._check_open()
@@ -418,6 +434,7 @@ class Trace:
 
     # ------------------------------------------------------------------ leases
 
+    @_cache_locked
     def retain(self, ttl_s: float, now: float | None = None) -> int:
         """Hold the trace's device-resident blocks on the device for ``ttl_s`` seconds (a lease the
         next step, :meth:`release_retained` or the TTL ends). Returns the blocks held."""
@@ -431,6 +448,7 @@ class Trace:
         """Same as :meth:`retain`: hold the trace's device blocks for ``ttl_s`` seconds."""
         return self.retain(ttl_s, now)
 
+    @_cache_locked
     def release_retained(self) -> None:
         self._check_open()
         self._release_lease()
@@ -464,6 +482,7 @@ class Trace:
 
     # ------------------------------------------------------------------ fork / close
 
+    @_cache_locked
     def fork(self, trace_id: str) -> Trace:
         """A subagent that starts from this trace's context: it owns the same blocks (refcounted)."""
         self._check_open()
@@ -517,6 +536,7 @@ class Trace:
             self.fence = int(res.fence)
         return res
 
+    @_cache_locked
     def close(self) -> None:
         """The trace is done: its blocks lose this owner (they stay cached for others to match;
         its private tail is freed). Idempotent."""
@@ -649,6 +669,7 @@ class TraceManager:
             return len(held[0])
         return len(np.unique(np.concatenate(held), axis=0))
 
+    @_cache_locked
     def tick(self, now: float | None = None) -> None:
         """Run the prefetches that are due and end expired leases, in time order."""
         now = self._now(now)

@@ -5,7 +5,7 @@
 Options: ``url``, ``worker``, ``lease_ms``, ``dram_blocks``, ``device_blocks``, ``head_dim``,
 ``transfer_timeout_s``, ``tls``. It builds a TieredCache (device + DRAM) with a :class:`ClusterWorker`
 and a TraceManager, prints ``{"ready": true, ...}``, then serves JSON commands on stdin, one a
-line, answering each with one JSON line (``{"error": ...}`` on failure):
+line, answering each with one JSON line (``{"exception": ...}`` on failure):
 
 - ``store`` tokens: cache the blocks of ``tokens`` (bytes = :func:`block_bytes_for` of each
   key), demote them to DRAM, publish; -> ``slots`` (DRAM slot of each block).
@@ -16,7 +16,7 @@ line, answering each with one JSON line (``{"error": ...}`` on failure):
 - ``reuse`` tokens first other: drop them, then store ``other`` (reusing their slots).
 - ``trace`` id tokens seq_len: run one step of a trace (begin_step, end_step).
 - ``migrate`` id target timeout_s: ``Trace.migrate`` -> the result.
-- ``begin`` id tokens: begin_step of an (adopted) trace -> hit tokens (then end_step).
+- ``begin`` id tokens: one step of an (adopted) trace: begin_step -> hit tokens, load, end_step.
 - ``status``, ``exit``.
 """
 
@@ -130,8 +130,14 @@ class Node:
         plan = tr.begin_step(np.asarray(tokens, dtype=np.int64))
         hit = plan.match.hit_blocks if plan.match is not None else 0
         remote = plan.match.remote is not None if plan.match is not None else False
+        tiers = [int(t) for t in plan.match.tiers] if plan.match is not None else []
+        if hit:
+            self.cache.load(plan.match, self.dst, np.arange(hit)).wait(30)
+        toks = np.asarray(tokens, dtype=np.int64)
+        self.fill_src(self.cache.keys_for(toks[: len(toks) - len(toks) % 16]))
+        tr.end_step(toks, self.src, len(toks))  # the step ran: its KV is cached
         return {"hit_tokens": int(plan.hit_tokens), "hit_blocks": int(hit), "remote_part": remote,
-                "tiers": [int(t) for t in plan.match.tiers] if plan.match is not None else []}
+                "tiers": tiers, "blocks": tr.num_blocks}
 
     def close(self) -> None:
         self.worker.close()
@@ -176,9 +182,9 @@ def main() -> None:
                 print(json.dumps({"ok": True}), flush=True)
                 return
             else:
-                out = {"error": f"unknown op {op!r}"}
+                out = {"exception": f"unknown op {op!r}"}
         except Exception as e:  # reported to the test, which fails on it
-            out = {"error": f"{type(e).__name__}: {e}"}
+            out = {"exception": f"{type(e).__name__}: {e}"}
         print(json.dumps(out, default=str), flush=True)
 
 

@@ -72,7 +72,7 @@ class Child:
     def cmd(self, timeout: float = 60, **cmd: Any) -> dict[str, Any]:
         self.send(**cmd)
         out = self._read(timeout)
-        assert "error" not in out, out
+        assert "exception" not in out, out
         return out
 
     def kill(self) -> None:
@@ -222,6 +222,14 @@ def test_migrate_moves_only_missing_blocks(pair) -> None:
     nxt = toks + [7, 8, 9]
     step = b.cmd(op="begin", id="t-mig", tokens=nxt)
     assert step["hit_tokens"] == len(toks) and not step["remote_part"]
+    # and back: A still caches the 12 full blocks (the trace closed, its blocks stayed); only B's
+    # new tail block moves
+    back = b.cmd(op="migrate", id="t-mig", target="A", timeout_s=30)
+    assert back["state"] == "committed" and back["owner"] == "A", back
+    assert back["blocks_total"] == 13 and back["blocks_present"] == 12 and back["blocks_moved"] == 1
+    tr2 = a.traces.get("t-mig")
+    assert tr2.fence == back["fence"] and tr2.num_blocks == 13
+    assert tr2.begin_step(nxt + [1]).hit_tokens == len(nxt)
     # a second migration of nothing: A no longer owns it
     with pytest.raises(InvalidArgumentError):
         tr.migrate("B")
