@@ -292,6 +292,7 @@ class TieredCache:
         if slots is None:
             met["no_room"] += m
             met["misses"] += m
+            self.metrics.misses += m
             match.hit_blocks = local
             match.tiers = match.tiers[:local]
             return
@@ -311,6 +312,7 @@ class TieredCache:
         usable = m if ok.all() else int(np.argmin(ok))
         met["hits"] += usable
         met["misses"] += m - usable
+        self.metrics.misses += m - usable  # found in the store, not usable: a miss after all
         if usable:
             self.index.pin(rm.keys[:usable])
             self.metrics.record_transfer("remote", "dram", usable * self.layout.block_bytes, out.seconds)
