@@ -417,3 +417,32 @@ def test_store_unreachable_serves_own_tiers(pair, redis_server) -> None:
     assert st["directory"]["to_publish"] >= 0
     redis_server.restart()
     b.kill()
+
+
+@pytest.mark.timeout(60)
+def test_worker_needs_a_dram_tier_and_one_worker_per_cache(redis_server) -> None:
+    from kvtier.cache import TieredCache
+    from kvtier.cluster.worker import ClusterWorker
+    from kvtier.keys import make_salt
+    from remote_worker_proc import layout
+
+    L = layout()
+    cache = TieredCache(L, make_salt("x", L), device_bytes=4 * L.block_bytes)
+    with pytest.raises(InvalidArgumentError, match="dram_bytes"):
+        ClusterWorker(redis_server.url, "C", cache)
+    node = Node(redis_server.url, "C")
+    try:
+        with pytest.raises(InvalidArgumentError, match="already has a ClusterWorker"):
+            ClusterWorker(redis_server.url, "D", node.cache)
+        # the per-block checksum is the XXH3-64 of the bytes: equal bytes, equal checksums
+        pool = node.cache.pools[DRAM]
+        ids = pool.allocate(2)
+        pool.view()[ids[0]] = 7
+        pool.view()[ids[1]] = 7
+        ck = pool.checksums(ids)
+        assert ck.dtype == np.uint64 and ck[0] == ck[1]
+        pool.view()[ids[1], 5] = 8
+        assert pool.checksums(ids)[1] != ck[1]
+        pool.free(ids)
+    finally:
+        node.close()
