@@ -324,21 +324,32 @@ def test_kill_source_during_migration(pair) -> None:
         b.close()
 
 
+# Note [A reader killed while pulling over TCP]: with UCX_TLS=tcp only, a get is emulated with
+# active messages that the *served* process answers; when the reader is killed with replies
+# pending, UCX 1.22 (libucx-cu12) discards the endpoint with a purge callback that asserts
+# (ucs_empty_function_do_assert_void from uct_tcp_ep_pending_purge, via
+# ucp_worker_discard_uct_ep_destroy_progress): the serving process aborts. Seen in about 1 run in
+# 4 of the TCP variant below. Shared memory (cma) gets are one-sided: the served process has
+# nothing pending, so the default test runs over "posix,cma,tcp".
+SHM = {"head_dim": 512, "dram_blocks": 160, "tls": "posix,cma,tcp"}
+
+
 @pytest.mark.timeout(300)
 def test_kill_target_during_migration(pair) -> None:
     """A owns the trace; B pulls it and is killed at a random moment: ``migrate`` returns within
     its timeout (plus the store's bounds), and unless B committed first the trace stays usable at
     A under a valid fence."""
+    variant = BIG if os.environ.get("KVTIER_TEST_TCP_SERVED_KILL") == "1" else SHM
     rng = random.Random(SEED + 2)
-    print(f"seed {SEED + 2}")
+    print(f"seed {SEED + 2}, tls {variant['tls']}")
     for rnd in range(ROUNDS):
-        a, b = pair(BIG, **BIG)
+        a, b = pair(variant, **variant)
         toks = tokens(96, tag=30 + rnd, extra=3)
         tr = a.traces.open("t-k2")
         tr.begin_step(toks)
         a.fill_src(a.cache.keys_for(toks[: 96 * BT]))
         tr.end_step(toks, a.src, len(toks))
-        delay = rng.uniform(0.0, 0.05)
+        delay = rng.uniform(0.0, 0.05 if variant is BIG else 0.03)
         killer = threading.Timer(delay, b.kill)
         killer.start()
         t0 = time.monotonic()
@@ -360,6 +371,21 @@ def test_kill_target_during_migration(pair) -> None:
         wait_gone(a.worker.store, "B", LEASE_MS / 1000 + 3)
         a.close()
         b.close()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.xfail(reason="UCX 1.22 over TCP only aborts the served process when its reader is killed "
+                          "with replies pending (Note [A reader killed while pulling over TCP])", strict=False)
+def test_kill_target_during_migration_tcp_served_side() -> None:
+    """The target-killed test over TCP only, three times, each in its own pytest process (an abort
+    there must not take this one down)."""
+    env = dict(os.environ, KVTIER_TEST_TCP_SERVED_KILL="1")
+    for i in range(3):
+        env["KVTIER_TEST_SEED"] = str(SEED + 100 + i)
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                              "-k", "test_kill_target_during_migration and not tcp_served"],
+                             env=env, capture_output=True, text=True, timeout=280)
+        assert out.returncode == 0, f"rc={out.returncode}: {out.stdout[-1500:]}"
 
 
 # ---------------------------------------------------------------------------- errors

@@ -4,7 +4,7 @@
 
 - a :class:`~kvtier.cluster.metadata.ClusterStore` (lease, published :class:`WorkerInfo`, the
   block directory, trace ownership);
-- a :class:`~kvtier.cluster.peer.Peer` (the UCX data plane), sharing the cache's copy engine;
+- a :class:`~kvtier.cluster.peer.Peer` (the UCX data plane, on its own copy engine);
 - the DRAM :class:`~kvtier.HostPool` of a :class:`~kvtier.TieredCache`, registered with the peer:
   it is the pool other workers pull from.
 
@@ -199,7 +199,7 @@ class ClusterWorker:
         cache: the :class:`~kvtier.TieredCache` whose DRAM tier is served to peers (it needs one).
         cluster: the store namespace.
         lease_ms / timeout_s: the store lease and per-call bound (:class:`ClusterStore`).
-        peer: a :class:`Peer` to use (default: a new one on the cache's copy engine).
+        peer: a :class:`Peer` to use (default: a new one with its own copy engine).
         tls / net_devices: UCX settings for a new peer (``"posix,cma,tcp"`` keeps peer error
             handling on shared memory; ``net_devices="lo"`` for one machine).
         transfer_timeout_s: the deadline of every remote transfer (a hung peer fails it).
@@ -234,7 +234,9 @@ class ClusterWorker:
         self.mailbox_poll_s = float(mailbox_poll_s)
         self.metrics = WorkerMetrics()
         self._own_peer = peer is None
-        self.peer = peer if peer is not None else Peer(cache.engine, tls=tls, net_devices=net_devices,
+        # The peer gets its own copy engine (Peer's default, the tested lifecycle: closing the peer
+        # closes its engine), not the cache's, which outlives the peer.
+        self.peer = peer if peer is not None else Peer(tls=tls, net_devices=net_devices,
                                                        transfer_timeout_s=transfer_timeout_s)
         self._raw_pool = pool
         self.pool = _HookedPool(pool, self)
