@@ -18,6 +18,7 @@
 
 #include "bindings/common.h"
 #include "common/status.h"
+#include "index/checksum.h"
 #include "memory/block_space.h"
 #include "probe/probes.h"
 #include "transfer/copy_engine.h"
@@ -171,6 +172,24 @@ NB_MODULE(_core, m) {
       .def("unpin", [](HostPool& p, IdArray ids) { ThrowIfError(p.allocator().Unpin(Ids(ids))); }, "ids"_a)
       .def("check_allocated", [](HostPool& p, IdArray ids) { ThrowIfError(p.allocator().CheckAllocated(Ids(ids))); },
            "ids"_a)
+      .def(
+          "checksums",
+          [](HostPool& p, IdArray ids) {
+            const size_t n = ids.shape(0);
+            for (size_t i = 0; i < n; ++i) {
+              if (ids.data()[i] < 0 || uint64_t(ids.data()[i]) >= p.num_blocks())
+                ThrowIfError(InvalidArgument("checksums: block id " + std::to_string(ids.data()[i]) +
+                                             " out of range [0, " + std::to_string(p.num_blocks()) + ")"));
+            }
+            auto* out = new uint64_t[n == 0 ? 1 : n];
+            nb::capsule owner(out, [](void* q) noexcept { delete[] static_cast<uint64_t*>(q); });
+            {
+              nb::gil_scoped_release nogil;
+              for (size_t i = 0; i < n; ++i) out[i] = Checksum64(p.block_ptr(ids.data()[i]), p.block_bytes());
+            }
+            return nb::ndarray<nb::numpy, uint64_t, nb::ndim<1>>(out, {n}, owner);
+          },
+          "ids"_a, "XXH3-64 of each block's bytes (the checksum the NVMe tier and the cluster directory carry).")
       .def("refcount", [](HostPool& p, int32_t id) { return p.allocator().refcount(id); }, "id"_a)
       .def("pins", [](HostPool& p, int32_t id) { return p.allocator().pins(id); }, "id"_a)
       .def("stats",

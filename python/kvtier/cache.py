@@ -20,6 +20,8 @@ submitted to the copy engine or the NVMe tier, completed on its handle, and time
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -40,7 +42,23 @@ from kvtier.nvme import as_block_keys as _as_keys
 from kvtier.transfer import CopyEngine, TransferHandle
 
 DEVICE, DRAM, NVME = 0, 1, 2
+REMOTE = 3  # in a PrefixMatch's tiers: held by another worker (a ClusterWorker is attached)
 TIER_NAMES = ("device", "dram", "nvme")
+_REMOTE_COUNTERS = ("lookups", "found", "hits", "misses", "validation_failures", "checksum_failures",
+                    "generation_failures", "transfer_failures", "no_room", "store_unavailable", "bytes")
+
+
+def _locked(fn: Any) -> Any:
+    """Run a public cache method under the cache's lock (a ClusterWorker's service thread adds
+    pulled blocks to the DRAM tier from another thread)."""
+    @functools.wraps(fn)
+    def wrapper(self: TieredCache, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            out = fn(self, *args, **kwargs)
+            if self.cluster is not None:
+                self.cluster.flush()  # publish/free what moved in or out of DRAM (batched; no-op if nothing did)
+            return out
+    return wrapper
 
 
 @dataclass
@@ -58,6 +76,9 @@ class CacheMetrics:
     bytes_moved: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # "a->b": bytes
     prefill_tokens_saved: int = 0
     transfer_latency_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    # the remote tier (a ClusterWorker attached): blocks found by the store lookup, pulled and
+    # checked (hits), failed a check (misses), bytes pulled, store round-trip seconds
+    remote: dict[str, float] = field(default_factory=lambda: defaultdict(int))
 
     def record_transfer(self, src: str, dst: str, nbytes: int, latency_s: float) -> None:
         self.bytes_moved[f"{src}->{dst}"] += nbytes
@@ -74,7 +95,9 @@ class CacheMetrics:
                 "dropped_blocks": self.dropped_blocks, "declined_blocks": self.declined_blocks,
                 "stored_below_blocks": self.stored_below_blocks,
                 "nvme_write_errors": self.nvme_write_errors, "bytes_moved": dict(self.bytes_moved),
-                "prefill_tokens_saved": self.prefill_tokens_saved, "transfer_latency": lat}
+                "prefill_tokens_saved": self.prefill_tokens_saved, "transfer_latency": lat,
+                "remote": {**{k: self.remote.get(k, 0) for k in _REMOTE_COUNTERS},
+                           "store_rtt_s": float(self.remote.get("store_rtt_s", 0.0))}}
 
 
 @dataclass
@@ -86,6 +109,7 @@ class PrefixMatch:
     tiers: np.ndarray  # [hit_blocks] tier of each hit block at match time
     block_tokens: int
     pinned: int = 0  # leading keys this match holds pinned (released by TieredCache.release)
+    remote: Any = None  # the blocks after the local ones that other workers hold (RemoteMatch), if any
 
     @property
     def hit_tokens(self) -> int:
@@ -177,6 +201,33 @@ class TieredCache:
         # kvtier.trace sets it to 2 so that prefixes shared by several traces stay hot.
         self.shared_refs = 0
         self.moves = MoveQueue(self)  # every move between tiers (Note [Background moves] in kvtier/trace.py)
+        self._lock = threading.RLock()
+        self.cluster: Any = None  # a kvtier.cluster.worker.ClusterWorker: the remote tier
+
+    # ------------------------------------------------------------------ remote tier
+
+    def attach_cluster(self, worker: Any) -> None:
+        """Serve this cache's DRAM tier to a cluster and continue local misses remotely (called
+        by :class:`kvtier.cluster.worker.ClusterWorker`): the index and the DRAM pool report
+        blocks landing in and leaving DRAM to the worker, which keeps the store's directory in
+        step. Attach before the cache fills (blocks already in DRAM are not published)."""
+        from kvtier.cluster.worker import _HookedIndex
+
+        with self._lock:
+            if self.cluster is not None:
+                raise InvalidArgumentError("this cache already has a ClusterWorker attached")
+            if self.pools[DRAM] is None:
+                raise InvalidArgumentError("the remote tier serves the DRAM tier: give dram_bytes > 0")
+            self._plain = (self.index, self.pools[DRAM])
+            self.index = _HookedIndex(self.index, worker)
+            self.pools[DRAM] = worker.pool
+            self.cluster = worker
+
+    def detach_cluster(self, worker: Any) -> None:
+        with self._lock:
+            if self.cluster is worker:
+                self.index, self.pools[DRAM] = self._plain
+                self.cluster = None
 
     # ------------------------------------------------------------------ lookup
 
@@ -187,11 +238,15 @@ class TieredCache:
         """Longest cached prefix of ``tokens`` (full blocks only), pinned until :meth:`release`."""
         return self.match_keys(self.keys_for(tokens), max_blocks)
 
+    @_locked
     def match_keys(self, keys: np.ndarray, max_blocks: int | None = None) -> PrefixMatch:
         """Longest cached prefix of a sequence of block keys, pinned until :meth:`release`.
 
         The keys need not all be content keys: a trace appends the private key of its partial
-        tail block (``kvtier.trace``)."""
+        tail block (``kvtier.trace``). With a cluster attached, a prefix that misses locally
+        continues with ONE store lookup of the rest: blocks other workers hold come after the
+        local ones (``tiers`` == ``REMOTE``, ``match.remote``), counted in ``hit_blocks``;
+        :meth:`load` pulls and checks them (a block failing a check ends the prefix there)."""
         keys = _as_keys(keys)
         self.moves.poll()
         probe = keys if max_blocks is None else keys[:max_blocks]
@@ -199,11 +254,22 @@ class TieredCache:
         if n:
             self.index.pin(probe[:n])
         self.metrics.lookups += 1
-        self.metrics.misses += len(probe) - n
         for t in range(3):
             self.metrics.hits[TIER_NAMES[t]] += int((tiers[:n] == t).sum())
-        return PrefixMatch(keys, n, tiers[:n].copy(), self.block_tokens, pinned=n)
+        remote = None
+        if self.cluster is not None and n < len(probe):
+            remote = self.cluster.lookup_remote(probe[n:])
+            if remote is not None and len(remote) == 0:
+                remote = None
+        m = len(remote) if remote is not None else 0
+        self.metrics.remote["found"] += m
+        self.metrics.misses += len(probe) - n - m
+        out_tiers = tiers[:n].copy()
+        if m:
+            out_tiers = np.concatenate([out_tiers, np.full(m, REMOTE, dtype=out_tiers.dtype)])
+        return PrefixMatch(keys, n + m, out_tiers, self.block_tokens, pinned=n, remote=remote)
 
+    @_locked
     def release(self, match: PrefixMatch) -> None:
         if match.pinned:
             self.index.unpin(match.keys[: match.pinned])
@@ -211,6 +277,49 @@ class TieredCache:
 
     # ------------------------------------------------------------------ load (promotion)
 
+    def _load_remote(self, match: PrefixMatch) -> None:
+        """Pull ``match.remote`` into DRAM, check each block (checksum of the bytes, generation in
+        the store), add the good ones to the DRAM tier (pinned for this match), and cut the
+        prefix at the first block that failed or did not fit: the caller recomputes from there."""
+        rm, match.remote = match.remote, None
+        local = match.pinned
+        m = len(rm)
+        met = self.metrics.remote
+        try:
+            slots = self._allocate(DRAM, m, staging=True)
+        except OutOfCapacityError:
+            slots = None
+        if slots is None:
+            met["no_room"] += m
+            met["misses"] += m
+            self.metrics.misses += m
+            match.hit_blocks = local
+            match.tiers = match.tiers[:local]
+            return
+        out = self.cluster.pull(rm, slots)
+        ok = out.ok
+        met["bytes"] += out.bytes
+        met["store_rtt_s"] += out.store_rtt_s
+        met["transfer_failures"] += out.transfer_failed
+        met["checksum_failures"] += out.checksum_failed
+        met["generation_failures"] += out.validation_failed
+        met["validation_failures"] += out.checksum_failed + out.validation_failed
+        good = ok & (self.index.contains(rm.keys) == 0)  # a key the cache got meanwhile: keep that copy
+        if good.any():
+            self.index.insert(rm.keys[good], DRAM, slots[good])
+        if (~good).any():
+            self.pools[DRAM].free(slots[~good])
+        usable = m if ok.all() else int(np.argmin(ok))
+        met["hits"] += usable
+        met["misses"] += m - usable
+        self.metrics.misses += m - usable  # found in the store, not usable: a miss after all
+        if usable:
+            self.index.pin(rm.keys[:usable])
+            self.metrics.record_transfer("remote", "dram", usable * self.layout.block_bytes, out.seconds)
+        match.hit_blocks = match.pinned = local + usable
+        match.tiers = np.concatenate([match.tiers[:local], np.full(usable, DRAM, dtype=match.tiers.dtype)])
+
+    @_locked
     def load(self, match: PrefixMatch, dst: KVRegistration, dst_blocks: Any, promote_min_refs: int = 0) -> LoadHandle:
         """Copy the matched prefix into ``dst`` blocks ``dst_blocks[i]`` (one per hit block).
 
@@ -228,6 +337,10 @@ class TieredCache:
         dst_ids = as_block_ids(dst_blocks, "destination blocks")
         if len(dst_ids) < match.hit_blocks:
             raise InvalidArgumentError(f"{match.hit_blocks} matched blocks but {len(dst_ids)} destination blocks")
+        if match.remote is not None:
+            if self.cluster is None:
+                raise InvalidArgumentError("the match has remote blocks but no ClusterWorker is attached")
+            self._load_remote(match)
         n = match.hit_blocks
         if n == 0:
             return LoadHandle([], 0)
@@ -358,6 +471,7 @@ class TieredCache:
         """
         return self.store_keys(self.keys_for(tokens)[first_block:], src, src_blocks)
 
+    @_locked
     def store_keys(self, keys: np.ndarray, src: KVRegistration, src_blocks: Any) -> int:
         """Cache ``src`` blocks ``src_blocks[i]`` under ``keys[i]`` (extra keys or blocks are
         ignored; keys already cached are skipped). Returns how many blocks were stored."""
@@ -513,6 +627,7 @@ class TieredCache:
 
     # ------------------------------------------------------------------ explicit placement (trace policies)
 
+    @_locked
     def make_room(self, tier: int, n: int, wait: bool = True) -> int:
         """Demote LRU blocks (copy, then release) until ``tier`` has ``n`` free blocks, as far as
         unpinned blocks allow; returns how many are free. A trace policy calls this with
@@ -549,6 +664,7 @@ class TieredCache:
             return int(st["num_slots"] - st["used_slots"])
         return max(0, self._free_blocks(tier))
 
+    @_locked
     def demote_keys(self, keys: Any, tier: int, wait: bool = True) -> int:
         """Move the cached, unpinned ``keys`` that sit above ``tier`` down to ``tier`` (DRAM or
         NVMe), copy then release, making room there by LRU demotion. With ``wait`` (the default)
@@ -571,6 +687,7 @@ class TieredCache:
             below |= self.moves.moving(keys) & (where != 255)
         return int(below.sum())
 
+    @_locked
     def promote_keys(self, keys: Any, tier: int = DEVICE, wait: bool = True) -> int:
         """Bring cached ``keys`` up to ``tier`` (a prefetch), head first, as far as room can be
         made without evicting pinned blocks; the keys are pinned meanwhile so that making room
@@ -606,6 +723,7 @@ class TieredCache:
         self.index.remove(keys)
         self.nvme.evict(keys)
 
+    @_locked
     def drop_keys(self, keys: Any) -> int:
         """Remove cached, unpinned ``keys`` from every tier (they will be recomputed); returns how many."""
         keys = _as_keys(keys)

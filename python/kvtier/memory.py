@@ -159,6 +159,11 @@ class HostPool:
     def check_allocated(self, ids: Any) -> None:
         self._core.check_allocated(as_block_ids(ids))
 
+    def checksums(self, ids: Any) -> np.ndarray:
+        """``[n]`` uint64: XXH3-64 of each block's bytes (what the NVMe tier and the cluster
+        directory carry); computed in C++ without the GIL."""
+        return self._core.checksums(as_block_ids(ids))
+
     def stats(self) -> PoolStats:
         return PoolStats(block_bytes=self.block_bytes, **self._core.stats())
 

@@ -14,6 +14,10 @@ cache's counters at scrape time (no background thread, nothing on the hot path);
 - ``kvtier_cache_prefill_tokens_saved_total{cache}``
 - ``kvtier_cache_blocks{cache, tier}``: blocks held now (gauge)
 - ``kvtier_cache_transfer_latency_seconds{cache, path, quantile}``: p50/p99 (gauge)
+- ``kvtier_cache_remote_total{cache, what}`` (a ClusterWorker attached): ``lookups``, ``found``,
+  ``hits``, ``misses``, ``validation_failures`` (``checksum_failures`` + ``generation_failures``),
+  ``transfer_failures``, ``no_room``, ``store_unavailable``, ``bytes``; and
+  ``kvtier_cache_remote_store_seconds_total{cache}``
 
 ``register_traces(manager, registry=None, name="default")`` does the same for a
 :class:`~kvtier.TraceManager` (the trace-aware policy):
@@ -106,6 +110,17 @@ def register_cache(cache: Any, registry: Any = None, name: str = "default") -> A
             lat.add_metric([name, path, "0.5"], d["p50_ms"] / 1e3)
             lat.add_metric([name, path, "0.99"], d["p99_ms"] / 1e3)
         yield lat
+        remote = CounterMetricFamily("kvtier_cache_remote", "Remote tier: blocks found in the store, pulled and "
+                                     "checked (hits), failed a check (misses, by cause), bytes pulled",
+                                     labels=["cache", "what"])
+        for what, v in snap["remote"].items():
+            if what != "store_rtt_s":
+                remote.add_metric([name, what], v)
+        yield remote
+        rtt = CounterMetricFamily("kvtier_cache_remote_store_seconds", "Remote tier: store round-trip seconds "
+                                  "(lookups and validations)", labels=["cache"])
+        rtt.add_metric([name], snap["remote"]["store_rtt_s"])
+        yield rtt
 
     return _register(collect, registry)
 

@@ -74,6 +74,7 @@ Example (an engine with a transformers decoder)::
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import itertools
 import os
@@ -95,6 +96,17 @@ from kvtier.policy import Action, CostModel, Decision, GapEstimator, TierState, 
 __all__ = ["BackgroundLane", "StepPlan", "Trace", "TraceManager", "TraceMetrics", "TraceState"]  # BackgroundLane: from kvtier.moves
 
 _EMPTY_KEYS = np.zeros((0, 2), dtype=np.uint64)
+
+
+def _cache_locked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a trace operation under its cache's lock (a ClusterWorker's service thread changes the
+    cache's DRAM tier from another thread; without one the lock is uncontended)."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        mgr = self._mgr if isinstance(self, Trace) else self
+        with mgr.cache._lock:
+            return fn(self, *args, **kwargs)
+    return wrapper
 
 
 class TraceState(str, enum.Enum):
@@ -179,6 +191,8 @@ class Trace:
         self._match: PrefixMatch | None = None
         self._step_ended = False  # end_step ran and no tool_start or begin_step since: tool_start may follow
         self.expected_resume = float("inf")  # while waiting on a tool: when the trace should be back
+        self.fence: int | None = None  # cluster ownership fence, once claimed (migrate)
+        self.migrated_to: str | None = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -214,6 +228,7 @@ class Trace:
 
     # ------------------------------------------------------------------ steps
 
+    @_cache_locked
     def begin_step(self, tokens: Sequence[int] | np.ndarray, now: float | None = None) -> StepPlan:
         """Find the cached KV for this step's context ``tokens`` (everything the model will see
         before generating), pinned until :meth:`end_step`. The trace's own partial tail block is
@@ -274,6 +289,7 @@ class Trace:
         self.state = TraceState.RUNNING
         return StepPlan(match, hit_tokens, 0.0, late_tokens)
 
+    @_cache_locked
     def end_step(self, tokens: Sequence[int] | np.ndarray, src: KVRegistration, seq_len: int,
                  now: float | None = None) -> int:
         """The step is done: ``src`` blocks hold KV for the first ``seq_len`` of ``tokens`` (block
@@ -318,6 +334,7 @@ class Trace:
 
     # ------------------------------------------------------------------ tool calls
 
+    @_cache_locked
     def tool_start(self, expected_gap_s: float | None = None, tool: str | None = None,
                    now: float | None = None) -> Decision:
         """The trace waits on a tool: decide where its private KV spends the gap, and act. Valid
@@ -377,6 +394,7 @@ class Trace:
         mgr._keep_headroom(now)
         return d
 
+    @_cache_locked
     def tool_end(self, now: float | None = None) -> None:
         """The tool returned: start the restore if it has not started (Note [Prefetch timing])."""
         self._check_open()
@@ -416,6 +434,7 @@ class Trace:
 
     # ------------------------------------------------------------------ leases
 
+    @_cache_locked
     def retain(self, ttl_s: float, now: float | None = None) -> int:
         """Hold the trace's device-resident blocks on the device for ``ttl_s`` seconds (a lease the
         next step, :meth:`release_retained` or the TTL ends). Returns the blocks held."""
@@ -429,6 +448,7 @@ class Trace:
         """Same as :meth:`retain`: hold the trace's device blocks for ``ttl_s`` seconds."""
         return self.retain(ttl_s, now)
 
+    @_cache_locked
     def release_retained(self) -> None:
         self._check_open()
         self._release_lease()
@@ -462,6 +482,7 @@ class Trace:
 
     # ------------------------------------------------------------------ fork / close
 
+    @_cache_locked
     def fork(self, trace_id: str) -> Trace:
         """A subagent that starts from this trace's context: it owns the same blocks (refcounted)."""
         self._check_open()
@@ -476,6 +497,46 @@ class Trace:
             child._tail_tokens = self._tail_tokens.copy()
         return child
 
+    def migrate(self, to_worker: str, timeout_s: float = 10.0) -> Any:
+        """Move this trace to another worker of the cluster (the cache's
+        :class:`~kvtier.cluster.worker.ClusterWorker`): claim it (or use the fence this worker
+        holds), ask ``to_worker`` through its mailbox to pull the blocks it lacks and take over,
+        and wait for the result (a :class:`~kvtier.cluster.migration.MigrationResult`: state,
+        blocks present/moved, bytes, seconds). COMMITTED: the trace is closed here (its blocks
+        stay cached, found by content) and continues at the target. Anything else: the trace
+        stays here, usable, under the fence in ``self.fence``. Not while a step runs."""
+        self._check_open()
+        if self.state is TraceState.RUNNING:
+            raise InvalidArgumentError(f"trace {self.id!r} is running a step: migrate it between steps")
+        worker = getattr(self._mgr.cache, "cluster", None)
+        if worker is None:
+            raise InvalidArgumentError("migrate needs a ClusterWorker attached to the cache")
+        if self.fence is None:
+            self.fence = worker.store.claim_trace(self.id)
+        # Peers pull from the DRAM tier only: the trace's blocks go there first (copy, then release),
+        # and are published (the cache's operations flush the directory).
+        keys = self.owned_keys()
+        cache = self._mgr.cache
+        if len(keys):
+            cache.demote_keys(keys, DRAM)
+            if cache.has_tier(NVME):
+                cache.promote_keys(keys, DRAM)
+        tail = {}
+        if self._tail_key is not None:
+            tail = {"tokens": [int(t) for t in self._tail_tokens], "full_blocks": int(len(self._keys))}
+        res = worker.request_migration(self.id, self.owned_keys(), to_worker, self.fence,
+                                       timeout_s=timeout_s, tail=tail)
+        from kvtier.cluster.migration import MigrationState
+
+        if res.state is MigrationState.COMMITTED:
+            self.migrated_to = to_worker
+            self.fence = None
+            self.close()
+        elif res.owner == worker.worker_id and res.fence is not None:
+            self.fence = int(res.fence)
+        return res
+
+    @_cache_locked
     def close(self) -> None:
         """The trace is done: its blocks lose this owner (they stay cached for others to match;
         its private tail is freed). Idempotent."""
@@ -569,6 +630,25 @@ class TraceManager:
         self._traces[trace_id] = t
         return t
 
+    def adopt(self, trace_id: str, keys: np.ndarray, tail: dict[str, Any], fence: int | None = None) -> Trace:
+        """A trace migrated here (``kvtier.cluster.worker``): open it owning ``keys`` (its full
+        blocks, then, when ``tail`` has ``tokens``, the private key of its partial tail block)."""
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 2)
+        if trace_id in self._traces:
+            self._traces[trace_id].close()
+        t = self.open(trace_id)
+        nfull = int(tail.get("full_blocks", len(keys))) if tail.get("tokens") else len(keys)
+        idx = self.cache.index
+        if len(keys):
+            idx.ref(keys)
+        t._keys = keys[:nfull].copy()
+        if nfull < len(keys):
+            t._tail_key = keys[nfull:nfull + 1].copy()
+            t._tail_tokens = np.asarray(tail["tokens"], dtype=np.int64)
+        t.fence = fence
+        t.state = TraceState.RESUMED
+        return t
+
     def get(self, trace_id: str) -> Trace:
         try:
             return self._traces[trace_id]
@@ -589,6 +669,7 @@ class TraceManager:
             return len(held[0])
         return len(np.unique(np.concatenate(held), axis=0))
 
+    @_cache_locked
     def tick(self, now: float | None = None) -> None:
         """Run the prefetches that are due and end expired leases, in time order."""
         now = self._now(now)

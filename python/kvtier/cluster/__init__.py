@@ -5,7 +5,10 @@
 - :mod:`kvtier.cluster.migration`: migration planning (dedup against what the target holds)
   and the ownership-move state machine; the data moves through an injected mover.
 - :mod:`kvtier.cluster.peer`: the UCX data plane (:class:`Peer`, one-sided put/get of block lists
-  between registered pools); it plugs into migration as a mover. See docs/cluster.md.
+  between registered pools); it plugs into migration as a mover.
+- :mod:`kvtier.cluster.worker`: :class:`~kvtier.cluster.worker.ClusterWorker`, one per process:
+  store + peer + a TieredCache's DRAM pool (the remote tier, :class:`~kvtier.cluster.worker.UcxMover`,
+  the migration mailbox). Import it from there (it loads the UCX binding). See docs/cluster.md.
 """
 
 from __future__ import annotations
