@@ -223,7 +223,8 @@ def _simulate(args: argparse.Namespace) -> int:
         return 0
     workload = wl.load(args.workload) if args.workload else (
         sim.fleet_coding_workload(args.traces, args.seed) if args.generator == "coding-agent" else None)
-    sim.simulate(server=server, servers=2 if args.servers is None else args.servers, traces=args.traces, policies=args.policy, seed=args.seed,
+    sim.simulate(server=server, servers=2 if args.servers is None else args.servers, traces=args.traces,
+                 policies=args.policy, seed=args.seed,
                  workload=workload, block_tokens=args.block_tokens, hbm_kv_gib=hbm, json_path=args.json,
                  plot_path=args.plot, progress=not args.no_progress)
     return 0

@@ -15,8 +15,11 @@ lead)``, where ``lead`` is the modelled time to send the trace's whole context (
 transfer, whatever the mode: the decision time is the same in all three). It predicts each
 worker's queueing at ``ret`` as ``max(0, busy_until - ret)`` (``busy_until``: when the worker's
 prefill resource finishes the steps placed so far). The trace's home worker is *busy* when its
-predicted queueing exceeds ``threshold_s``; another worker *has room* when its own is lower by more
-than ``threshold_s``. Busy home and a worker with room: the decision is "migrate to the worker with
+predicted queueing exceeds ``threshold_s``; another worker *has room* when its own queueing, plus
+how far a full transfer started now (behind the migrations already on either worker's NIC) would
+run past the trace's return, is lower than the home's by more than ``threshold_s``. The cost
+term is ``full``'s in every mode, so ``dedup`` is not let migrate more often than ``full``; it
+only lands sooner. Busy home and a worker with room: the decision is "migrate to the worker with
 the least predicted queueing" (lowest index on a tie). ``none`` records the decision and keeps the
 trace home (it waits there); ``full`` and ``dedup`` migrate it at the decision time, so the transfer
 overlaps the rest of the gap. The step starts on the target when the trace returns, or when the
@@ -70,7 +73,8 @@ class NetworkModel:
         if not (self.latency_s >= 0 and np.isfinite(self.latency_s)):
             raise InvalidArgumentError(f"network {self.name!r}: latency_s must be >= 0, got {self.latency_s!r}")
         if not (self.bandwidth_gbps > 0 and np.isfinite(self.bandwidth_gbps)):
-            raise InvalidArgumentError(f"network {self.name!r}: bandwidth_gbps must be > 0, got {self.bandwidth_gbps!r}")
+            raise InvalidArgumentError(f"network {self.name!r}: bandwidth_gbps must be > 0, "
+                                       f"got {self.bandwidth_gbps!r}")
 
     def transfer_s(self, nbytes: int) -> float:
         """Seconds for one migration moving ``nbytes`` (the latency applies even to 0 bytes: the
@@ -149,7 +153,8 @@ class ClusterReplay:
     """One migration mode over ``workers`` modelled workers, one global event loop (Note [Router])."""
 
     def __init__(self, mode: str, trs: list[Trace], workers: list[_Worker], network: NetworkModel,
-                 threshold_s: float, block_bytes: int, block_tokens: int, placement: dict[str, int] | None = None) -> None:
+                 threshold_s: float, block_bytes: int, block_tokens: int,
+                 placement: dict[str, int] | None = None) -> None:
         self.mode, self.traces, self.w, self.net = mode, trs, workers, network
         self.threshold_s, self.block_bytes, self.bt = threshold_s, block_bytes, block_tokens
         self.by_id = {t.trace_id: t for t in trs}
@@ -166,7 +171,6 @@ class ClusterReplay:
         self.step_start: dict[tuple[str, int], float] = {}  # (trace, step) -> when it got the server
         self.step_ready: dict[tuple[str, int], float] = {}  # (trace, step) -> when the trace returned
         self.computed = self.total = 0
-        self.token_crc = 0
         self.tokens_by_trace: dict[str, list[list[int]]] = {t.trace_id: [] for t in trs}
         self.migrations: list[dict[str, Any]] = []
         self.wanted = 0  # router decisions "migrate" (also under none, where they are not carried out)
@@ -234,8 +238,6 @@ class ClusterReplay:
         done = wk.free + res.decode_s
         self.computed += res.computed
         self.total += res.total
-        self.token_crc = zlib.crc32(np.asarray([zlib.crc32(tid.encode()), k, *res.tokens], dtype=np.int64).tobytes(),
-                                    self.token_crc)
         self.tokens_by_trace[tid].append(res.tokens)
         ctx = self.contexts[tid] = np.concatenate([ctx, np.asarray(res.tokens, dtype=np.int64)])
         for child in self.children.get((tid, k), []):
@@ -268,7 +270,10 @@ class ClusterReplay:
         if len(self.w) > 1:
             waits = [self.predicted_wait(i, ret) for i in range(len(self.w))]
             best = min((i for i in range(len(self.w)) if i != home), key=lambda i: (waits[i], i))
-            if waits[home] > self.threshold_s and waits[best] < waits[home] - self.threshold_s:
+            # what a full transfer decided now would add past the gap (behind migrations in flight)
+            lead = self.net.transfer_s((len(self.contexts[tid]) // self.bt) * self.block_bytes)
+            late = max(0.0, max(now, self.w[home].nic, self.w[best].nic) + lead - ret)
+            if waits[home] > self.threshold_s and waits[best] + late < waits[home] - self.threshold_s:
                 target = best
                 self.wanted += 1
         if target is None or self.mode == "none":
@@ -321,6 +326,14 @@ class ClusterReplay:
 
     # ---------------------------------------------------------------- report
 
+    def tokens_crc32(self) -> int:
+        """A digest of every generated token, by trace and step (independent of the order steps ran in)."""
+        crc = 0
+        for tid in sorted(self.tokens_by_trace):
+            for k, toks in enumerate(self.tokens_by_trace[tid]):
+                crc = zlib.crc32(np.asarray([zlib.crc32(tid.encode()), k, *toks], dtype=np.int64).tobytes(), crc)
+        return crc
+
     def report(self, server: Any) -> dict[str, Any]:
         task_jct, sub_jct = task_jcts(self.traces, self.start, self.finish)
         start = min(t.arrival_s for t in self.traces)
@@ -349,7 +362,7 @@ class ClusterReplay:
                                  if held["tasks_per_server_hour"] else 0.0),
             "prefill_tokens": {"computed": self.computed, "total": self.total},
             "generated_tokens": sum(len(x) for v in self.tokens_by_trace.values() for x in v),
-            "tokens_crc32": self.token_crc,
+            "tokens_crc32": self.tokens_crc32(),
             "hits": {k: sum(sn["hits"][k] for sn in snaps) for k in ("device", "dram", "nvme")},
             "misses": sum(sn["misses"] for sn in snaps),
             "shared_link_extra_s": sum(wk.backend.engine.shared_extra_s for wk in self.w),
