@@ -225,3 +225,18 @@ def test_network_presets_are_sourced() -> None:
     assert simcluster.NETWORKS["rdma-400g"].bandwidth_gbps == pytest.approx(400 / 8 * 0.9)
     for n in simcluster.NETWORKS.values():
         assert n.source and n.transfer_s(0) == n.latency_s > 0
+
+
+def test_network_model_vs_the_measurement_in_the_docs() -> None:
+    """docs/benchmarks.md compares the model with a kvtier bench remote run it was not set from
+    (512 MiB per sample): its model column must be the presets', its ratio the columns' ratio."""
+    doc = (Path(__file__).parent.parent / "docs" / "benchmarks.md").read_text()
+    section = doc[doc.index("### Network model vs a measurement"):]
+    rows = re.findall(r"^\| (shm|tcp) \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \(.*?\) \| ([0-9.]+) \|$",
+                      section, flags=re.M)
+    assert {r[0] for r in rows} == {"shm", "tcp"}
+    for name, nbytes, model_s, measured_s, measured_gbps, ratio in rows:
+        net = simcluster.NETWORKS[name]
+        assert float(model_s) == pytest.approx(int(nbytes) / (net.bandwidth_gbps * 1e9), abs=1e-4)
+        assert float(measured_gbps) == pytest.approx(int(nbytes) / float(measured_s) / 1e9, rel=2e-3)
+        assert float(ratio) == pytest.approx(float(model_s) / float(measured_s), abs=0.01)
