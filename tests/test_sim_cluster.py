@@ -240,3 +240,16 @@ def test_network_model_vs_the_measurement_in_the_docs() -> None:
         assert float(model_s) == pytest.approx(int(nbytes) / (net.bandwidth_gbps * 1e9), abs=1e-4)
         assert float(measured_gbps) == pytest.approx(int(nbytes) / float(measured_s) / 1e9, rel=2e-3)
         assert float(ratio) == pytest.approx(float(model_s) / float(measured_s), abs=0.01)
+
+
+def test_cli_workers_2_writes_the_three_modes(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    assert cli.main(["simulate", "--workers", "2", "--migration", "all", "--network", "tcp", "--traces", "8",
+                     "--no-progress", "--json", str(path)]) == 0
+    rep = json.loads(path.read_text())
+    assert list(rep["policies"]) == ["none", "full", "dedup"]
+    assert rep["network"]["name"] == "tcp" and rep["workers"] == 2 and rep["cache_policy"] == "tiered"
+    for r in rep["policies"].values():
+        assert "migration" in r["bytes_moved"] and len(r["workers"]) == 2
+        assert {"count", "router_wanted_migration"} <= set(r["migrations"])
+        assert r["jct_p50_s"] == r["jct_s"]["p50"]
