@@ -101,7 +101,7 @@ def test_none_moves_nothing_and_the_same_rule_decides_everywhere() -> None:
     assert none["prefill_tokens"]["total"] == full["prefill_tokens"]["total"] == dedup["prefill_tokens"]["total"]
     # migrating to the idle worker helps here: the work spreads over both workers
     assert full["workers"][1]["steps"] > none["workers"][1]["steps"]
-    assert full["jct_s"]["max"] < none["jct_s"]["max"]
+    assert full["jct_s"]["p50"] < 0.8 * none["jct_s"]["p50"]  # 7.47 s vs 11.25 s
 
 
 def test_dedup_sends_only_what_the_target_lacks() -> None:
