@@ -57,7 +57,10 @@ from kvtier.workload import Trace
 __all__ = ["MIGRATION_MODES", "NETWORKS", "NetworkModel", "simulate_cluster", "check_migration", "check_network"]
 
 MIGRATION_MODES = ("none", "full", "dedup")
-CLUSTER_CACHE_POLICIES = ("tiered",)  # Note [Cluster cache policy]
+# Note [Cluster cache policy]: only tiered for now. The trace-aware policies keep per-trace state
+# (leases, kept tails, gap estimates) in each worker's TraceManager, which a migration would have to
+# hand over; that is not modelled yet.
+CLUSTER_CACHE_POLICIES = ("tiered",)
 
 
 @dataclass(frozen=True)
@@ -294,8 +297,7 @@ class ClusterReplay:
         end = begin + self.net.transfer_s(nbytes)
         s.nic = d.nic = end
         self._push(end, _LAND, (dst, keys[send]))
-        self.loc[tid] = dst
-        # the runner of the source forgets the trace, the target's learns it (no-ops for tiered)
+        self.loc[tid] = dst  # the tiered runners keep no per-trace state: nothing else to hand over
         self.migrations.append({
             "trace": tid, "step": k, "src": src, "dst": dst, "gap_start": gap_start, "decided": now,
             "start": begin, "end": end, "returned": ret, "delay_s": max(0.0, end - ret),
