@@ -92,8 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--list-servers", action="store_true", help="print the server model presets and exit")
     sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a server model field, e.g. --set hbm_kv_gib=20 (repeatable)")
-    sm.add_argument("--servers", type=_positive_int, default=2,
-                    help="servers in the fleet (default 2: sized so that the default workload keeps them busy)")
+    sm.add_argument("--servers", type=_positive_int, default=None,
+                    help="servers in the fleet (default 2: sized so that the default workload keeps them busy); "
+                         "each keeps its traces (no router)")
+    sm.add_argument("--workers", type=int, default=1,
+                    help="N >= 2: N workers behind a router that may migrate a trace's KV during its tool gap "
+                         "(kvtier.harness.simcluster, Note [Router]); the cache policy is tiered. Default 1: the fleet of "
+                         "--servers, unchanged")
+    sm.add_argument("--migration", default=None,
+                    help="with --workers N >= 2: none, full, dedup or all (default all): what a migration "
+                         "decision does (none: the trace waits at home; full: resend all its blocks; dedup: only "
+                         "the blocks the target lacks)")
+    sm.add_argument("--network", default=None,
+                    help="with --workers N >= 2: the network model for migrations, shm, tcp or rdma-400g "
+                         "(default rdma-400g; sources in docs/cluster.md, \"Network model\")")
+    sm.add_argument("--route-threshold", type=float, default=None, metavar="SECONDS",
+                    help="with --workers N >= 2: queueing at home beyond which the router moves a trace, and "
+                         "the margin by which the target must be less queued (default 1.0)")
     sm.add_argument("--traces", type=_positive_int, default=1000, help="root traces (subagents come on top)")
     sm.add_argument("--policy", action="append", default=None,
                     help="none, device-lru, tiered, trace-aware, trace-aware-nohint (gap hints withheld), or all "
@@ -181,9 +196,35 @@ def _simulate(args: argparse.Namespace) -> int:
         except ValueError:
             raise InvalidArgumentError(f"--set {item!r}: {value!r} is not a number") from None
     hbm = None if args.device_budget is None else args.device_budget / 2**30
+    if isinstance(args.workers, int) and args.workers == 1:
+        for flag, value in (("--migration", args.migration), ("--network", args.network),
+                            ("--route-threshold", args.route_threshold)):
+            if value is not None:
+                raise InvalidArgumentError(f"{flag} {value!r} needs --workers N with N >= 2 (got --workers 1)")
+    else:
+        from kvtier.harness import simcluster
+
+        if args.workers < 1:
+            raise InvalidArgumentError(f"--workers must be >= 1, got {args.workers}")
+        if args.servers is not None:
+            raise InvalidArgumentError(f"--servers {args.servers} and --workers {args.workers}: give one (with "
+                                       "--workers the workers are the servers)")
+        policies = args.policy or ["tiered"]
+        if len(policies) != 1:
+            raise InvalidArgumentError(f"--workers {args.workers}: one cache policy, got {', '.join(policies)}")
+        workload = wl.load(args.workload) if args.workload else (
+            sim.fleet_coding_workload(args.traces, args.seed) if args.generator == "coding-agent" else None)
+        simcluster.simulate_cluster(
+            server=server, workers=args.workers, migration=args.migration or "all",
+            network=args.network or "rdma-400g", cache_policy=policies[0], traces=args.traces, seed=args.seed,
+            workload=workload, block_tokens=args.block_tokens, hbm_kv_gib=hbm,
+            threshold_s=1.0 if args.route_threshold is None else args.route_threshold, json_path=args.json,
+            plot_path=args.plot, progress=not args.no_progress)
+        return 0
     workload = wl.load(args.workload) if args.workload else (
         sim.fleet_coding_workload(args.traces, args.seed) if args.generator == "coding-agent" else None)
-    sim.simulate(server=server, servers=args.servers, traces=args.traces, policies=args.policy, seed=args.seed,
+    sim.simulate(server=server, servers=2 if args.servers is None else args.servers, traces=args.traces,
+                 policies=args.policy, seed=args.seed,
                  workload=workload, block_tokens=args.block_tokens, hbm_kv_gib=hbm, json_path=args.json,
                  plot_path=args.plot, progress=not args.no_progress)
     return 0
