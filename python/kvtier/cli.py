@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                     help="vllm: drive a real vLLM engine in wall-clock time with the configurations engine, "
                          "example, kvtier-tiered, kvtier-trace-aware (docs/vllm.md)")
+    rp.add_argument("--workers", type=_positive_int, default=1,
+                    help="N >= 2: N worker processes, each with its own decoder and tiers, behind a router that "
+                         "may migrate a trace's KV to another worker during its tool gap (real UCX and Redis; "
+                         "kvtier.harness.clusterreplay); the cache policy is tiered")
+    rp.add_argument("--migration", action="append", default=None, choices=("none", "full", "dedup", "all"),
+                    help="--workers: none (a trace stays on its worker), full (a migration resends every block), "
+                         "dedup (only the blocks the target lacks), or all (default; repeatable)")
+    rp.add_argument("--store", default=None, metavar="URL",
+                    help="--workers: the Redis store (default: start a throwaway redis-server)")
+    rp.add_argument("--transport", choices=("shm", "tcp"), default="shm",
+                    help="--workers: UCX between the workers: shm (shared memory, default) or tcp (loopback)")
+    rp.add_argument("--threshold", type=float, default=None, metavar="S",
+                    help="--workers: the router's queueing threshold in seconds (default: a 256-token prefill)")
     rp.add_argument("--repeats", type=_positive_int, default=1, help="--engine vllm: runs of each configuration")
     rp.add_argument("--vllm-blocks", type=_positive_int, default=16,
                     help="--engine vllm: vLLM's own KV cache in 128-token blocks (default 16: less than the workload)")
@@ -258,6 +271,22 @@ def main(argv: list[str] | None = None) -> int:
                         args.write_workload)
                 print(f"wrote {args.write_workload} (real gaps; a replay scales them by --gap-scale)")
                 return 0
+            if args.workers > 1:
+                if args.engine != "transformers" or args.policy:
+                    raise InvalidArgumentError("--workers runs the transformers engine with the tiered policy; "
+                                               "drop --engine vllm and --policy")
+                from kvtier.harness import clusterreplay
+
+                clusterreplay.run(model_dir=args.model, workload=args.workload, workers=args.workers,
+                                  migration=args.migration, json_path=args.json, plot_path=args.plot,
+                                  device_budget=args.device_budget, dram_budget=args.dram_budget,
+                                  nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed,
+                                  traces=args.traces, progress=not args.no_progress, compute_time=args.compute_time,
+                                  gap_scale=args.gap_scale, generator=args.generator, store_url=args.store,
+                                  transport=args.transport, threshold_s=args.threshold)
+                return 0
+            if args.migration or args.store:
+                raise InvalidArgumentError("--migration and --store need --workers N (N >= 2)")
             if args.engine == "vllm":
                 from kvtier.harness import vllm_replay
 

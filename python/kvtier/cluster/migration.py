@@ -157,6 +157,7 @@ class MigrationResult:
     blocks_present: int = 0  # deduplicated: the target had them
     blocks_moved: int = 0
     blocks_unavailable: int = 0
+    blocks_resent: int = 0  # dedup off: blocks the target held and was sent again (bytes_moved counts them)
     bytes_moved: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
     error: str = ""

@@ -253,6 +253,8 @@ class ClusterWorker:
         self._remotes: dict[str, tuple[int, RemotePeer, RemotePool]] = {}
         self._remotes_lock = threading.Lock()
         self._unsure: list[Migration] = []
+        self._scratch: HostPool | None = None  # full-resend migrations land here (pull_trace)
+        self._resend_s = 0.0
         self._closed = False
         try:
             self.descriptor = self.peer.register(pool)
@@ -534,16 +536,24 @@ class ClusterWorker:
     # ------------------------------------------------------------------ migration
 
     def pull_trace(self, trace_id: str, keys: Any, source: str, fence: int,
-                   tail: dict[str, Any] | None = None) -> MigrationResult:
+                   tail: dict[str, Any] | None = None, dedup: bool = True) -> MigrationResult:
         """The target's side of a migration (run by the service thread for a mailbox request):
         keys this cache holds in any tier are present; the rest go through :class:`Migration`
         with a :class:`UcxMover` (plan, prepare, pull, validate, publish, commit). Pulled blocks
-        join the DRAM tier even if the commit fails (valid KV, found by content)."""
+        join the DRAM tier even if the commit fails (valid KV, found by content).
+
+        ``dedup=False`` (the full-resend baseline that ``kvtier replay --workers`` measures dedup
+        against): the present blocks the source serves are pulled as well, into a scratch pool,
+        checked against their checksums and dropped (the target keeps its own copies); they count
+        in ``bytes_moved`` and ``blocks_resent``."""
         check_trace_id(trace_id)
         keys = as_keys(keys)
         t0 = time.perf_counter()
         with self.cache._lock:
             local = self.cache.locate(keys)[0] != 255 if len(keys) else np.zeros(0, dtype=bool)
+        resent = 0
+        if not dedup and local.any():
+            resent = self._resend(keys[local], source)
         mover = UcxMover(self)
         mig = Migration(trace_id, keys[~local], _OwnerView(self.store, source), self.store, fence, mover,
                         discard=mover.discard, block_bytes=self.block_bytes)
@@ -559,7 +569,11 @@ class ClusterWorker:
         if mig.unsure_slots.size:
             self._unsure.append(mig)
         result.blocks_total = int(keys.shape[0])
-        result.blocks_present += int(local.sum())
+        result.blocks_present += int(local.sum()) - resent
+        result.blocks_resent = resent
+        result.bytes_moved += resent * self.block_bytes
+        if resent:
+            result.timings_s["resend"] = self._resend_s
         result.timings_s["total"] = time.perf_counter() - t0
         self.metrics.migrations_served += 1
         if result.state is MigrationState.COMMITTED:
@@ -570,8 +584,50 @@ class ClusterWorker:
         self.metrics.last_migration = _result_dict(result)
         return result
 
+    def reserve_resend(self, blocks: int) -> None:
+        """Allocate and register the scratch pool full-resend migrations land in (``dedup=False``)
+        now, so that a migration's time does not include making it. It grows on demand."""
+        if blocks <= 0:
+            raise InvalidArgumentError(f"blocks must be > 0, got {blocks!r}")
+        if self._scratch is None or self._scratch.num_blocks < blocks:
+            if self._scratch is not None:
+                self.peer.unregister(self._scratch)
+            self._scratch = HostPool(self.block_bytes, num_blocks=int(blocks))
+            self.peer.register(self._scratch)
+
+    def _resend(self, keys: np.ndarray, source: str) -> int:
+        """Pull again the blocks of ``keys`` that ``source`` serves (one lookup, one batched get
+        into a registered scratch pool, checksums checked), then drop them; returns how many."""
+        t0 = time.perf_counter()
+        self._resend_s = 0.0
+        lk = self.store.lookup(keys)
+        if source not in lk.workers:
+            return 0
+        rec = lk.records[lk.records["worker"] == lk.workers.index(source)]
+        if rec.size == 0:
+            return 0
+        n = int(rec.shape[0])
+        self.reserve_resend(n)
+        dst = self._scratch.allocate(n)
+        try:
+            remote = self.remote_pool(source)
+            h = self.peer.get(remote, rec["slot"].astype(np.int32), self._scratch, dst)
+            try:
+                h.wait(self.transfer_timeout_s + 1.0)
+            except KvtierError:
+                self.drop_peer(source)
+                raise
+            bad = self._scratch.checksums(dst) != rec["checksum"]
+            if bad.any():
+                raise MigrationError(f"{int(bad.sum())} of {n} blocks resent by {source!r} fail their checksum")
+        finally:
+            self._scratch.free(dst)
+        self._resend_s = time.perf_counter() - t0
+        return n
+
     def request_migration(self, trace_id: str, keys: Any, target: str, fence: int, *,
-                          timeout_s: float = 10.0, tail: dict[str, Any] | None = None) -> MigrationResult:
+                          timeout_s: float = 10.0, tail: dict[str, Any] | None = None,
+                          dedup: bool = True) -> MigrationResult:
         """The source's side: ask ``target`` (through its mailbox) to pull and take over
         ``trace_id``, whose owner this worker is under ``fence``; wait for its reply.
 
@@ -579,6 +635,8 @@ class ClusterWorker:
         target out (``abort_move``, then a transfer to itself: a new fence the target's late
         commit cannot pass) and the store's record decides: ABORTED (this worker keeps the trace
         with the new fence in ``result.fence``) or COMMITTED (the target's commit got in first).
+        ``dedup=False`` asks the target to pull every block the source serves, even those it
+        holds (the full-resend baseline; :meth:`pull_trace`).
         Raises :class:`UnknownWorkerError` when ``target`` is not live."""
         self._check_open()
         check_trace_id(trace_id)
@@ -596,7 +654,7 @@ class ClusterWorker:
         rid = uuid.uuid4().hex
         reply_key = self.store.prefix + f"mbr:{rid}"
         payload = json.dumps({"id": rid, "trace": trace_id, "source": self.worker_id, "fence": int(fence),
-                              "keys": _enc_keys(keys), "reply": reply_key, "tail": tail or {},
+                              "keys": _enc_keys(keys), "reply": reply_key, "tail": tail or {}, "dedup": bool(dedup),
                               "deadline": time.time() + timeout_s}).encode()
         mailbox = self.store.prefix + f"mb:{target}"
         t0 = time.perf_counter()
@@ -685,7 +743,7 @@ class ClusterWorker:
             if time.time() > float(req["deadline"]):
                 raise MigrationError(f"request {req['id']} expired before it was picked up")
             res = self.pull_trace(req["trace"], _dec_keys(req["keys"]), req["source"], int(req["fence"]),
-                                  req.get("tail") or {})
+                                  req.get("tail") or {}, dedup=bool(req.get("dedup", True)))
             out = _result_dict(res)
         except (KvtierError, ValueError, KeyError, TypeError) as e:
             out = {"trace_id": str(req.get("trace")), "source": str(req.get("source")), "target": self.worker_id,
@@ -717,6 +775,8 @@ class ClusterWorker:
         try:
             self.peer.drain()
             self.peer.unregister(self._raw_pool)
+            if self._scratch is not None:
+                self.peer.unregister(self._scratch)
         except KvtierError:
             pass
         if self._own_peer:

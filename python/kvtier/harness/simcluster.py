@@ -337,13 +337,22 @@ class ClusterReplay:
         return crc
 
     def report(self, server: Any) -> dict[str, Any]:
+        out = self.common_report([wk.cache.metrics.snapshot() for wk in self.w],
+                                 [wk.cache.blocks_per_tier() for wk in self.w])
+        held = out["sustained"]
+        out["dollars_per_task"] = (server.dollars_per_hour / held["tasks_per_server_hour"]
+                                   if held["tasks_per_server_hour"] else 0.0)
+        out["shared_link_extra_s"] = sum(wk.backend.engine.shared_extra_s for wk in self.w)
+        return out
+
+    def common_report(self, snaps: list[dict[str, Any]], blocks_per_tier: list[dict[str, int]]) -> dict[str, Any]:
+        """The report from each worker's cache metrics (``snaps``) and tier fill; the simulated and
+        the real multi-worker replay (:mod:`kvtier.harness.clusterreplay`) share it."""
         task_jct, sub_jct = task_jcts(self.traces, self.start, self.finish)
         start = min(t.arrival_s for t in self.traces)
         makespan = max(self.finish.values()) - start
         tasks = len(task_jct)
         held = sustained(float(np.sum(self.service)), tasks, UTILISATION)
-        caches = [wk.cache for wk in self.w]
-        snaps = [c.metrics.snapshot() for c in caches]
         bytes_moved: dict[str, int] = {}
         for sn in snaps:
             for key, v in sn["bytes_moved"].items():
@@ -360,14 +369,11 @@ class ClusterReplay:
             "makespan_s": makespan,
             "tasks_per_hour": tasks / makespan * 3600 if makespan > 0 else 0.0,
             "sustained": held,
-            "dollars_per_task": (server.dollars_per_hour / held["tasks_per_server_hour"]
-                                 if held["tasks_per_server_hour"] else 0.0),
             "prefill_tokens": {"computed": self.computed, "total": self.total},
             "generated_tokens": sum(len(x) for v in self.tokens_by_trace.values() for x in v),
             "tokens_crc32": self.tokens_crc32(),
             "hits": {k: sum(sn["hits"][k] for sn in snaps) for k in ("device", "dram", "nvme")},
             "misses": sum(sn["misses"] for sn in snaps),
-            "shared_link_extra_s": sum(wk.backend.engine.shared_extra_s for wk in self.w),
             "dropped_blocks": sum(sn["dropped_blocks"] for sn in snaps),
             "bytes_moved": bytes_moved,
             "migrations": {
@@ -385,7 +391,7 @@ class ClusterReplay:
             },
             "workers": [{"worker": i, "root_traces": wk.roots, "steps": wk.steps, "service_s": wk.service,
                          "utilisation": wk.service / makespan if makespan > 0 else 0.0,
-                         "blocks_per_tier": wk.cache.blocks_per_tier()} for i, wk in enumerate(self.w)],
+                         "blocks_per_tier": blocks_per_tier[i]} for i, wk in enumerate(self.w)],
         }
         out["nvme_bytes_written_per_task"] = bytes_moved.get("dram->nvme", 0) / max(1, tasks)
         return out
@@ -473,14 +479,15 @@ def simulate_cluster(*, server: Any = "h100-llama3-8b", workers: int = 2, migrat
     return report
 
 
-def render_migrations(results: dict[str, dict[str, Any]]) -> None:
+def render_migrations(results: dict[str, dict[str, Any]],
+                      title: str = "migrations (SIMULATION; network is a model)") -> None:
     """The per-mode migration table (beside :func:`kvtier.harness.driver.render_table`)."""
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="migrations (SIMULATION; network is a model)")
+    table = Table(title=title)
     for col in ("mode", "migrations", "router wanted", "GiB moved", "blocks sent / held", "outlasted gap",
                 "step delay s", "JCT p50 s", "JCT p99 s", "utilisation per worker"):
         table.add_column(col, justify="left" if col == "mode" else "right")
