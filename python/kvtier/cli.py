@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--dram-budget", type=_size, default=None, help="DRAM tier size (default: 1/8 of the workload's KV)")
     rp.add_argument("--nvme-dir", default=None, help="NVMe tier directory (default: a temporary one here)")
     rp.add_argument("--nvme-budget", type=_size, default=None, help="NVMe tier size (default: 2x the workload's KV)")
-    rp.add_argument("--traces", type=_positive_int, default=8, help="traces in the generated workload")
+    rp.add_argument("--traces", type=_positive_int, default=None,
+                    help="root traces in the generated workload (default 8; with --workers N, 8 per worker: each "
+                         "worker as loaded as the single replay's server)")
     rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
     rp.add_argument("--generator", choices=("agent", "coding-agent"), default="agent",
                     help="the generated workload (without --workload): agent (default) or coding-agent (contexts "
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
                     vocab = int(AutoConfig.from_pretrained(args.model, local_files_only=True).vocab_size)
                 # The file holds the real (unscaled) gaps: a replay of it applies --gap-scale once.
-                wl.dump(replay.load_workload(None, vocab, args.seed, args.traces, 1.0, args.generator),
+                wl.dump(replay.load_workload(None, vocab, args.seed, args.traces or 8, 1.0, args.generator),
                         args.write_workload)
                 print(f"wrote {args.write_workload} (real gaps; a replay scales them by --gap-scale)")
                 return 0
@@ -291,13 +293,13 @@ def main(argv: list[str] | None = None) -> int:
                 from kvtier.harness import vllm_replay
 
                 vllm_replay.run(model_dir=args.model, workload=args.workload, json_path=args.json, plot_path=args.plot,
-                                seed=args.seed, traces=args.traces, gap_scale=args.gap_scale, repeats=args.repeats,
+                                seed=args.seed, traces=args.traces or 8, gap_scale=args.gap_scale, repeats=args.repeats,
                                 vllm_blocks=args.vllm_blocks, dram_bytes=args.dram_budget, nvme_bytes=args.nvme_budget,
                                 progress=not args.no_progress)
                 return 0
             replay.run(model_dir=args.model, workload=args.workload, policies=args.policy, json_path=args.json,
                        plot_path=args.plot, device_budget=args.device_budget, dram_budget=args.dram_budget,
-                       nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed, traces=args.traces,
+                       nvme_dir=args.nvme_dir, nvme_budget=args.nvme_budget, seed=args.seed, traces=args.traces or 8,
                        progress=not args.no_progress, torch_threads=args.torch_threads,
                        compute_time=args.compute_time, gap_scale=args.gap_scale, generator=args.generator)
             return 0

@@ -323,12 +323,12 @@ def _start_store(store_url: str | None, stack: contextlib.ExitStack) -> str:
 def run(model_dir: str | None = None, workload: str | None = None, workers: int = 2,
         migration: str | list[str] | None = "all", json_path: str | None = None, plot_path: str | None = None,
         device_budget: int | None = None, dram_budget: int | None = None, nvme_dir: str | None = None,
-        nvme_budget: int | None = None, seed: int = 0, traces: int = 8, progress: bool = True,
+        nvme_budget: int | None = None, seed: int = 0, traces: int | None = None, progress: bool = True,
         compute_time: str = "calibrated", gap_scale: float = 0.1, generator: str = "agent",
         store_url: str | None = None, transport: str = "shm", threshold_s: float | None = None,
         placement: dict[str, int] | None = None, quiet: bool = False) -> dict[str, Any]:
     """Replay the workload on ``workers`` worker processes under each migration mode (module
-    docstring); returns the report (printed, and written as JSON with ``json_path``). Raises
+    docstring); ``traces`` root traces in the generated workload (default 8 per worker); returns the report (printed, and written as JSON with ``json_path``). Raises
     :class:`~kvtier.KvtierError` if the modes generated different tokens."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -340,6 +340,9 @@ def run(model_dir: str | None = None, workload: str | None = None, workers: int 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 2:
         raise InvalidArgumentError(f"a multi-worker replay needs workers >= 2, got {workers!r}")
     modes = check_migration(migration)
+    # Note [Cluster replay load]: each worker as loaded as the single replay's server (8 root
+    # traces at gaps x0.1, Note [Replay load] in kvtier.harness.replay): 8 roots per worker
+    traces = 8 * workers if traces is None else traces
     if transport not in TRANSPORTS:
         raise InvalidArgumentError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
     if compute_time not in ("measured", "calibrated"):
