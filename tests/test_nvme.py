@@ -150,6 +150,51 @@ def test_parallel_verification_finds_exactly_the_corrupt_blocks(tmp_path: Path, 
     tier.close()
 
 
+def test_random_order_read_is_built_in_file_order(tmp_path: Path) -> None:
+    """Note [Reads in file order]: a batch listed in random order reaches the ring as the same
+    merged requests as the batch listed in file order (runs adjacent on disk and in the pool are
+    one request), every block lands where its caller asked, and a run broken by a missing key or
+    a non-adjacent destination is split there."""
+    n = 64
+    pool = kvtier.HostPool(16 * 1024, num_blocks=2 * n)
+    ids = pool.allocate(2 * n)
+    data = fill(pool, ids[:n], seed=21)
+    tier = kvtier.NvmeTier(tmp_path, pool, num_slots=n, max_io_bytes=256 << 10)  # 16 blocks a request
+    keys = np.arange(1000, 1000 + n)
+    tier.write(keys, ids[:n]).wait()
+    base = tier.stats()["read_ops"]
+
+    def read(keys_: np.ndarray, dest: np.ndarray) -> tuple[int, list[bool]]:
+        before = tier.stats()["read_ops"]
+        pool.view()[dest] = 0
+        h = tier.read(keys_, dest)
+        h.wait()
+        return tier.stats()["read_ops"] - before, h.block_ok.tolist()
+
+    ops_in_order, ok = read(keys, ids[:n])
+    assert base == 0 and ops_in_order == n // 16 and all(ok)
+    perm = np.random.default_rng(5).permutation(n)
+    ops_random, ok = read(keys[perm], ids[:n][perm])  # same (slot, destination) pairs, listed at random
+    assert ops_random == ops_in_order and all(ok)
+    np.testing.assert_array_equal(pool.view()[ids[:n]], data)
+    # Destinations in the caller's (random) order: no two file neighbours are pool neighbours
+    # unless the permutation makes them so; every block still lands where it was asked to.
+    dest = ids[n:][perm]
+    ops_scattered, ok = read(keys, dest)
+    adjacent = int(np.sum(np.diff(dest) == 1))
+    assert ops_scattered == n - adjacent and all(ok)
+    np.testing.assert_array_equal(pool.view()[dest], data)
+    # A missing key in the middle splits a run; the rest arrive intact.
+    mixed = keys.copy()
+    mixed[20] = 99
+    ops_missing, ok = read(mixed[perm], ids[:n][perm])
+    assert ops_missing == ops_in_order + 1
+    assert [i for i, v in enumerate(ok) if not v] == [int(np.where(perm == 20)[0][0])]
+    got = pool.view()[ids[:n]]
+    np.testing.assert_array_equal(np.delete(got, 20, axis=0), np.delete(data, 20, axis=0))
+    tier.close()
+
+
 @pytest.mark.parametrize("after_write", [False, True], ids=["hashed-changed-written", "written-changed-hashed"])
 def test_checksum_and_payload_from_different_bytes_is_a_miss(tmp_path: Path, after_write: bool) -> None:
     """Note [Checksums beside the payload]: a checksum is computed apart from the payload write

@@ -116,6 +116,8 @@ void BindNvme(nb::module_& m) {
         d["recovered_blocks"] = s.recovered_blocks;
         d["evicted_blocks"] = s.evicted_blocks;
         d["fsyncs"] = s.fsyncs;
+        d["read_ops"] = s.read_ops;
+        d["write_ops"] = s.write_ops;
         return d;
       });
 }

@@ -108,6 +108,8 @@ struct NvmeTierStats {
   uint64_t recovered_blocks = 0;  // found by the last Open
   uint64_t evicted_blocks = 0;
   uint64_t fsyncs = 0;
+  uint64_t read_ops = 0;   // payload read requests put on the ring, after merging (Note [Request merging])
+  uint64_t write_ops = 0;  // payload write requests, likewise (headers and fdatasyncs not counted)
 };
 
 // Seconds to XXH3-64 (Checksum64, the tier's payload checksum) `size_bytes` at `data`, split
@@ -237,7 +239,8 @@ class NvmeTier {
   std::atomic<uint64_t> op_counter_{0}, inject_every_{0}, inject_staging_every_{0};
   std::atomic<bool> inject_after_write_{false};
   std::atomic<uint64_t> blocks_written_{0}, dedup_{0}, write_errors_{0}, read_hits_{0}, read_misses_{0},
-      corrupt_{0}, read_errors_{0}, bytes_written_{0}, bytes_read_{0}, recovered_{0}, evicted_{0}, fsyncs_{0};
+      corrupt_{0}, read_errors_{0}, bytes_written_{0}, bytes_read_{0}, recovered_{0}, evicted_{0}, fsyncs_{0},
+      read_ops_{0}, write_ops_{0};
 };
 
 }  // namespace kvtier
