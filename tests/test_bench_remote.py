@@ -27,8 +27,15 @@ def test_bench_remote_quick_json(tmp_path) -> None:
     (r,) = report["results"]
     assert r["case"] == "tcp qwen2-0.5b 192KiB put" and r["kvtier_gbps"] > 0
     assert r["kvtier"]["verified"] is True
-    for peer in ("ucx_perftest_gbps", "nixl_gbps"):  # a figure, or why it is missing
+    for peer in ("ucx_perftest_gbps", "nixl_gbps", "ucx_perftest_reused_buffer_gbps"):  # a figure, or why not
         assert isinstance(r[peer], float) or set(r[peer]) == {"missing"}
+    # Note [perftest buffers]: the perftest anchor moves the list's bytes as one message of
+    # distinct memory; the block-sized reused buffer is reported beside it, never the anchor.
+    assert r["anchor"] != "ucx_perftest_reused_buffer"
+    if isinstance(r["ucx_perftest_gbps"], float):
+        total = r["blocks"] * r["block_bytes"]
+        assert f"-s {total} " in r["peers"]["ucx_perftest"]["cmd"]
+        assert f"-s {r['block_bytes']} " in r["peers"]["ucx_perftest_reused_buffer"]["cmd"]
     if r["anchor_gbps"] is not None:
         assert r["ratio"] == pytest.approx(r["kvtier_gbps"] / r["anchor_gbps"], rel=0.01)
         assert r["paired"]["rounds"] >= 1 and r["paired"]["verdict"] == "too few rounds"
