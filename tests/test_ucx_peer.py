@@ -163,6 +163,39 @@ def test_get_and_put_block_lists_byte_exact(peer: Peer, worker: Worker, rng) -> 
     peer.unregister(pool)
 
 
+def test_runs_contiguous_on_both_sides_are_one_operation(peer: Peer, worker: Worker) -> None:
+    """Note [Merged operations]: blocks consecutive in both pools go out as one put/get; a break
+    on either side starts a new one; the bytes land exactly as block by block."""
+    pool = local_pool(peer)
+    remote = peer.connect(worker.address).import_pool(worker.descriptor)
+    expected = pattern(NUM_BLOCKS, BLOCK_BYTES, worker.seed)
+
+    def get(rids: list[int], ids: list[int]) -> int:
+        before = peer.stats()["ops_posted"]
+        pool.view()[:] = 0
+        peer.get(remote, rids, pool, ids).wait(WAIT_BOUND_S)
+        for i, r in zip(ids, rids):
+            assert np.array_equal(pool.view()[i], expected[r]), f"local block {i} != remote block {r}"
+        return peer.stats()["ops_posted"] - before
+
+    n = 12
+    assert get(list(range(n)), list(range(n))) == 1  # one run on both sides
+    assert get(list(range(n)), list(range(n, 2 * n))) == 1  # shifted, still consecutive on both
+    # remote consecutive, local broken after 5: two runs
+    assert get(list(range(n)), [*range(5), *range(12, 12 + n - 5)]) == 2
+    # descending order is contiguous on neither side in posting order: one op per block
+    assert get(list(range(n))[::-1], list(range(n))[::-1]) == n
+    # put: the same rule, and the remote holds exactly what was put
+    pool.view()[:] = pattern(NUM_BLOCKS, BLOCK_BYTES, 77)
+    before = peer.stats()["ops_posted"]
+    peer.put(pool, list(range(n)), remote, list(range(3, 3 + n))).wait(WAIT_BOUND_S)
+    assert peer.stats()["ops_posted"] - before == 1
+    got = worker.call(op="digest", ids=list(range(3, 3 + n)))["digests"]
+    assert got == digests(pool.view(), list(range(n)))
+    assert_pool_consistent(pool)
+    peer.unregister(pool)
+
+
 def test_many_batches_in_flight_and_asyncio(peer: Peer, worker: Worker, rng) -> None:
     import asyncio
 

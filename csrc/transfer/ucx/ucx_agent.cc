@@ -28,6 +28,7 @@ constexpr uint32_t kPoolMagic = 0x4B565044;     // "KVPD"
 constexpr uint16_t kFormatVersion = 1;
 constexpr uint32_t kMaxSegments = 1 << 16;
 constexpr uint32_t kMaxBlobBytes = 1 << 20;
+constexpr uint64_t kMaxMergedBytes = uint64_t{64} << 20;  // Note [Merged operations]
 
 std::mutex g_agent_mu;
 std::weak_ptr<Agent> g_agent;  // guarded by g_agent_mu: one agent per process
@@ -823,6 +824,29 @@ void Agent::StartBatch(Batch* raw) {
   b.posting = true;
   uint64_t posted = 0;
   ucp_ep_h ep = b.peer->ep;
+  // Note [Merged operations]: pieces that continue the previous one in both the local and the
+  // remote memory (consecutive blocks of both pools, as a prefix allocated together usually is)
+  // go out as one put/get. Each UCX operation has a fixed cost (a request, and over TCP a message
+  // with its header); 682 operations of 192 KiB over TCP ran at 0.74x of one 128 MiB message
+  // (`kvtier bench remote`, 2026-12-06). Like the NVMe tier's request merging.
+  std::byte* run_laddr = nullptr;
+  uint64_t run_raddr = 0, run_len = 0;
+  ucp_mem_h run_memh = nullptr;
+  ucp_rkey_h run_rkey = nullptr;
+  auto post_run = [&]() {
+    if (run_len == 0) return;
+    p.memh = run_memh;
+    ucs_status_ptr_t sp = b.put ? ucp_put_nbx(ep, run_laddr, run_len, run_raddr, run_rkey, &p)
+                                : ucp_get_nbx(ep, run_laddr, run_len, run_raddr, run_rkey, &p);
+    ++posted;
+    run_len = 0;
+    if (sp == nullptr) return;
+    if (UCS_PTR_IS_ERR(sp)) {
+      b.status = TransferError(UcsError(b.put ? "ucp_put_nbx failed" : "ucp_get_nbx failed", UCS_PTR_STATUS(sp)));
+      return;
+    }
+    ++b.pending;
+  };
   for (size_t i = 0; i < local_ids.size() && b.status.ok(); ++i) {
     for (const CopyPiece& piece : *req.plan) {
       const uint32_t ls = b.put ? piece.src_segment : piece.dst_segment;
@@ -832,19 +856,23 @@ void Agent::StartBatch(Batch* raw) {
       std::byte* laddr = lsegs[ls].base + int64_t(local_ids[i]) * lsegs[ls].block_stride_bytes + loff;
       const uint64_t raddr =
           reinterpret_cast<uint64_t>(rsegs[rs].base) + uint64_t(remote_ids[i]) * rsegs[rs].block_stride_bytes + roff;
-      p.memh = b.reg->memh[ls];
+      ucp_mem_h memh = b.reg->memh[ls];
       auto rkey = static_cast<ucp_rkey_h>(b.remote->rkeys_[rs]);
-      ucs_status_ptr_t sp = b.put ? ucp_put_nbx(ep, laddr, piece.len, raddr, rkey, &p)
-                                  : ucp_get_nbx(ep, laddr, piece.len, raddr, rkey, &p);
-      ++posted;
-      if (sp == nullptr) continue;
-      if (UCS_PTR_IS_ERR(sp)) {
-        b.status = TransferError(UcsError(b.put ? "ucp_put_nbx failed" : "ucp_get_nbx failed", UCS_PTR_STATUS(sp)));
-        break;
+      if (run_len > 0 && memh == run_memh && rkey == run_rkey && laddr == run_laddr + run_len &&
+          raddr == run_raddr + run_len && run_len + piece.len <= kMaxMergedBytes) {
+        run_len += piece.len;
+        continue;
       }
-      ++b.pending;
+      post_run();
+      if (!b.status.ok()) break;
+      run_laddr = laddr;
+      run_raddr = raddr;
+      run_len = piece.len;
+      run_memh = memh;
+      run_rkey = rkey;
     }
   }
+  if (b.status.ok()) post_run();
   ops_posted_.fetch_add(posted);
   if (b.put && b.status.ok()) {
     // Note [UCX failures]: a put is delivered only once the endpoint is flushed.
