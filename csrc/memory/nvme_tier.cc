@@ -933,17 +933,15 @@ Result<std::shared_ptr<TransferState>> NvmeTier::Read(std::span<const BlockKey> 
                    [&r = *req](uint32_t a, uint32_t b) { return r.slots[a] < r.slots[b]; });
   BuildPayloadOps(*req, IoOp::Kind::kPayloadRead);
   read_ops_.fetch_add(req->ops.size());
-  std::vector<IoOp*> order;
-  order.reserve(req->ops.size());
-  for (IoOp& op : req->ops) order.push_back(&op);
   req->blocks_left.store(hits);
   active_requests_.fetch_add(1);
-  (void)req.release();  // owned by its ops from here on; Finalize frees it
+  Request* raw = req.release();  // owned by its ops from here on; Finalize frees it
   {
+    // No op reaches the ring before sq_mu_ is released, so raw lives through this loop.
     std::lock_guard<std::mutex> lock(sq_mu_);
-    for (IoOp* op : order) {
-      read_bytes_outstanding_ += op->len;
-      backlog_.push_back(op);
+    for (IoOp& op : raw->ops) {  // already in file order
+      read_bytes_outstanding_ += op.len;
+      backlog_.push_back(&op);
     }
   }
   Pump();

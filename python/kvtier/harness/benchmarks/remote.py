@@ -551,13 +551,8 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
                     "case": f"{transport} {case.name}", "transport": transport, "op": case.op,
                     "block_bytes": case.block_bytes, "blocks": n,
                     "kvtier_gbps": round(kv_out["gbps"], 3),
-                    "ucx_perftest_gbps": round(usable["ucx_perftest"], 3) if "ucx_perftest" in usable
-                    else {"missing": peers["ucx_perftest"]["missing"]},
-                    "nixl_gbps": round(usable["nixl"], 3) if "nixl" in usable else {"missing": peers["nixl"]["missing"]},
-                    "ucx_perftest_reused_buffer_gbps": (
-                        round(peers["ucx_perftest_reused_buffer"]["gbps"], 3)
-                        if "gbps" in peers["ucx_perftest_reused_buffer"]
-                        else {"missing": peers["ucx_perftest_reused_buffer"]["missing"]}),
+                    **{f"{name}_gbps": round(v["gbps"], 3) if "gbps" in v else {"missing": v["missing"]}
+                       for name, v in peers.items()},
                     "anchor": anchor or "none (no peer ran)",
                     "anchor_gbps": round(usable[anchor], 3) if anchor else None,
                     "ratio": round(kv_out["gbps"] / usable[anchor], 3) if anchor else None,
