@@ -27,15 +27,21 @@ def test_bench_remote_quick_json(tmp_path) -> None:
     (r,) = report["results"]
     assert r["case"] == "tcp qwen2-0.5b 192KiB put" and r["kvtier_gbps"] > 0
     assert r["kvtier"]["verified"] is True
-    for peer in ("ucx_perftest_gbps", "nixl_gbps", "ucx_perftest_reused_buffer_gbps"):  # a figure, or why not
+    for peer in ("ucx_perftest_gbps", "nixl_gbps", "ucx_perftest_reused_buffer_gbps",
+                 "ucx_perftest_in_flight_gbps"):  # a figure, or why not
         assert isinstance(r[peer], float) or set(r[peer]) == {"missing"}
     # Note [perftest buffers]: the perftest anchor moves the list's bytes as one message of
-    # distinct memory; the block-sized reused buffer is reported beside it, never the anchor.
-    assert r["anchor"] != "ucx_perftest_reused_buffer"
+    # distinct memory, one list per sample as kvtier (Note [One list per sample]); the stream
+    # and the block-sized reused buffer are reported beside it, never the anchor.
+    assert r["anchor"] in ("ucx_perftest", "nixl", "none (no peer ran)")
     if isinstance(r["ucx_perftest_gbps"], float):
         total = r["blocks"] * r["block_bytes"]
-        assert f"-s {total} " in r["peers"]["ucx_perftest"]["cmd"]
+        assert f"-s {total} -n 1 " in r["peers"]["ucx_perftest"]["cmd"]
+        assert f"-s {total} -n {r['in_flight']} " in r["peers"]["ucx_perftest_in_flight"]["cmd"]
         assert f"-s {r['block_bytes']} " in r["peers"]["ucx_perftest_reused_buffer"]["cmd"]
+        assert r["paired_in_flight"]["rounds"] == 2
+    # kvtier in the stream: one figure per round, in the list's bytes per second
+    assert len(r["kvtier"]["in_flight_rounds_gbps"]) == 2 and r["kvtier_in_flight_gbps"] > 0
     if r["anchor_gbps"] is not None:
         assert r["ratio"] == pytest.approx(r["kvtier_gbps"] / r["anchor_gbps"], rel=0.01)
         assert r["paired"]["rounds"] >= 1 and r["paired"]["verdict"] == "too few rounds"

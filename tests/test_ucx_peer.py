@@ -163,12 +163,18 @@ def test_get_and_put_block_lists_byte_exact(peer: Peer, worker: Worker, rng) -> 
     peer.unregister(pool)
 
 
-def test_runs_contiguous_on_both_sides_are_one_operation(peer: Peer, worker: Worker) -> None:
-    """Note [Merged operations]: blocks consecutive in both pools go out as one put/get; a break
-    on either side starts a new one; the bytes land exactly as block by block."""
+def test_runs_contiguous_on_both_sides_are_merged_operations(peer: Peer, worker: Worker) -> None:
+    """Note [Merged operations]: blocks consecutive in both pools go out together, in operations
+    of up to max_op_bytes; a break on either side starts a new one; the bytes land exactly as
+    block by block."""
     pool = local_pool(peer)
     remote = peer.connect(worker.address).import_pool(worker.descriptor)
     expected = pattern(NUM_BLOCKS, BLOCK_BYTES, worker.seed)
+    per_op = peer.info()["max_op_bytes"] // BLOCK_BYTES  # whole blocks per operation
+    assert per_op >= 2, "the test needs room for several blocks per operation"
+
+    def ops(*runs: int) -> int:  # operations for runs of so many consecutive blocks
+        return sum(-(-r // per_op) for r in runs)
 
     def get(rids: list[int], ids: list[int]) -> int:
         before = peer.stats()["ops_posted"]
@@ -179,21 +185,53 @@ def test_runs_contiguous_on_both_sides_are_one_operation(peer: Peer, worker: Wor
         return peer.stats()["ops_posted"] - before
 
     n = 12
-    assert get(list(range(n)), list(range(n))) == 1  # one run on both sides
-    assert get(list(range(n)), list(range(n, 2 * n))) == 1  # shifted, still consecutive on both
+    assert ops(n) < n
+    assert get(list(range(n)), list(range(n))) == ops(n)  # one run on both sides
+    assert get(list(range(n)), list(range(n, 2 * n))) == ops(n)  # shifted, still consecutive on both
     # remote consecutive, local broken after 5: two runs
-    assert get(list(range(n)), [*range(5), *range(12, 12 + n - 5)]) == 2
+    assert get(list(range(n)), [*range(5), *range(12, 12 + n - 5)]) == ops(5, n - 5)
     # descending order is contiguous on neither side in posting order: one op per block
     assert get(list(range(n))[::-1], list(range(n))[::-1]) == n
     # put: the same rule, and the remote holds exactly what was put
     pool.view()[:] = pattern(NUM_BLOCKS, BLOCK_BYTES, 77)
     before = peer.stats()["ops_posted"]
     peer.put(pool, list(range(n)), remote, list(range(3, 3 + n))).wait(WAIT_BOUND_S)
-    assert peer.stats()["ops_posted"] - before == 1
+    assert peer.stats()["ops_posted"] - before == ops(n)
     got = worker.call(op="digest", ids=list(range(3, 3 + n)))["digests"]
     assert got == digests(pool.view(), list(range(n)))
     assert_pool_consistent(pool)
     peer.unregister(pool)
+
+
+def test_pieces_larger_than_max_op_bytes_are_split(peer: Peer, worker: Worker) -> None:
+    pool = local_pool(peer)
+    remote = peer.connect(worker.address).import_pool(worker.descriptor)
+    expected = pattern(NUM_BLOCKS, BLOCK_BYTES, worker.seed)
+    default = peer.max_op_bytes
+    try:
+        peer.max_op_bytes = 80 << 10  # a 192 KiB block: 80 + 80 + 32 KiB, and no merging
+        assert peer.info()["max_op_bytes"] == 80 << 10
+        before = peer.stats()["ops_posted"]
+        pool.view()[:] = 0
+        peer.get(remote, list(range(6)), pool, list(range(6))).wait(WAIT_BOUND_S)
+        assert peer.stats()["ops_posted"] - before == 6 * 3
+        assert np.array_equal(pool.view()[:6], expected[:6])
+        pool.view()[:] = pattern(NUM_BLOCKS, BLOCK_BYTES, 78)
+        peer.put(pool, [7, 8], remote, [1, 0]).wait(WAIT_BOUND_S)
+        assert worker.call(op="digest", ids=[1, 0])["digests"] == digests(pool.view(), [7, 8])
+    finally:
+        peer.max_op_bytes = default
+    assert_pool_consistent(pool)
+    peer.unregister(pool)
+
+
+def test_bad_max_op_bytes_is_refused(peer: Peer) -> None:
+    for bad in (0, 4095, -1, 1.5, True, "1M"):
+        with pytest.raises(InvalidArgumentError, match="max_op_bytes"):
+            Peer(max_op_bytes=bad)
+        with pytest.raises(InvalidArgumentError, match="max_op_bytes"):
+            peer.max_op_bytes = bad
+    assert peer.max_op_bytes == 1 << 20
 
 
 def test_many_batches_in_flight_and_asyncio(peer: Peer, worker: Worker, rng) -> None:

@@ -41,7 +41,7 @@ void BindUcx(nb::module_& m) {
       .def_static(
           "create",
           [](const std::string& tls, const std::string& net_devices, const std::string& rndv_thresh,
-             bool error_handling, bool busy_poll, double transfer_timeout_s) {
+             bool error_handling, bool busy_poll, double transfer_timeout_s, uint64_t max_op_bytes) {
             ucx::AgentOptions o;
             o.tls = tls;
             o.net_devices = net_devices;
@@ -49,6 +49,7 @@ void BindUcx(nb::module_& m) {
             o.error_handling = error_handling;
             o.busy_poll = busy_poll;
             o.transfer_timeout_s = transfer_timeout_s;
+            o.max_op_bytes = max_op_bytes;
             Result<std::shared_ptr<Agent>> r = [&] {
               nb::gil_scoped_release nogil;
               return Agent::Create(o);
@@ -56,9 +57,10 @@ void BindUcx(nb::module_& m) {
             return Unwrap(std::move(r));
           },
           "tls"_a = "", "net_devices"_a = "", "rndv_thresh"_a = "inf", "error_handling"_a = true,
-          "busy_poll"_a = false, "transfer_timeout_s"_a = 30.0)
+          "busy_poll"_a = false, "transfer_timeout_s"_a = 30.0, "max_op_bytes"_a = uint64_t{1} << 20)
       .def_prop_ro("address", [](const Agent& a) { return ToBytes(a.address()); })
       .def_prop_ro("token", &Agent::token)
+      .def("set_max_op_bytes", [](Agent& a, uint64_t bytes) { ThrowIfError(a.SetMaxOpBytes(bytes)); })
       .def_prop_ro("closed", &Agent::closed)
       .def("info",
            [](const Agent& a) {
@@ -66,6 +68,7 @@ void BindUcx(nb::module_& m) {
              nb::dict d;
              d["version"] = i.version;
              d["progress"] = i.progress;
+             d["max_op_bytes"] = a.max_op_bytes();
              d["error_mode"] = i.error_mode;
              d["tls"] = i.tls;
              d["net_devices"] = i.net_devices;

@@ -54,6 +54,9 @@ struct AgentOptions {
   std::string rndv_thresh = "inf";  // UCX_RNDV_THRESH ("" = leave); "inf" as NIXL sets it
   bool error_handling = true;       // UCP_ERR_HANDLING_MODE_PEER on endpoints
   bool busy_poll = false;           // progress mode: false = event-driven (epoll), true = spin
+  // Consecutive blocks go out together in operations of up to this many bytes; larger pieces
+  // are split. Note [Merged operations].
+  uint64_t max_op_bytes = uint64_t{1} << 20;
   double transfer_timeout_s = 30.0; // a batch's deadline (<= 0: none); see Note [UCX failures]
 };
 
@@ -110,6 +113,10 @@ class Agent : public std::enable_shared_from_this<Agent> {
 
   const AgentInfo& info() const noexcept { return info_; }
   AgentStats stats() const;
+  // Note [Merged operations]: the largest UCX operation; applies to batches started after the
+  // call. kInvalidArgument under 4096.
+  Status SetMaxOpBytes(uint64_t bytes);
+  uint64_t max_op_bytes() const noexcept { return max_op_bytes_.load(std::memory_order_relaxed); }
   uint64_t token() const noexcept { return token_; }
   // This worker's address in its envelope (Note [UCX wire formats]).
   const std::string& address() const noexcept { return address_; }
@@ -165,6 +172,7 @@ class Agent : public std::enable_shared_from_this<Agent> {
   void ClosePeerEndpoint(PeerState& peer, bool force);
 
   AgentOptions options_;
+  std::atomic<uint64_t> max_op_bytes_{0};
   AgentInfo info_;
   uint64_t token_ = 0;
   std::string address_;

@@ -10,9 +10,9 @@ three ways:
   blocks (ids 0..n-1 on both sides) between its registered HostPool and a worker process's, one
   batch per sample (the handle's submit -> complete time; a put includes its flush). Data is
   checked byte for byte after the samples.
-- ucx_perftest (``ucp_put_bw`` / ``ucp_get``): ``n`` messages of the block size, its own
-  timing. It reuses one message buffer for every message (its best case: a 192 KiB buffer stays
-  in cache), where kvtier and NIXL move ``n`` distinct blocks.
+- ucx_perftest (``ucp_put_bw`` / ``ucp_get``), its own timing: the anchor is one message of the
+  whole list's bytes (the same distinct memory; one operation instead of ``n``), one per sample
+  as kvtier's and NIXL's lists are (Note [perftest buffers], Note [One list per sample]).
 - NIXL's UCX backend: an initiator and a target process, started for each of NIXL's turns (Note
   [NIXL between turns]); one prepared transfer of ``n`` descriptors (distinct blocks), posted
   once untimed and once timed, polled to DONE.
@@ -26,6 +26,20 @@ and ucx_perftest the libucx wheel's when it is installed, NIXL the copy it bundl
 
 Rounds, rotated turns and paired ratios are those of ``kvtier bench nvme``
 (:func:`kvtier.harness.benchmarks.nvme.paired_ratio`, Note [Paired ratios] there).
+
+Beside the verdict, each round also times ``IN_FLIGHT`` lists back to back (kvtier: that many
+handles posted before the first is awaited; perftest: ``-n IN_FLIGHT``), paired as
+``paired_in_flight``: what a worker moving many lists at once sustains.
+
+Note [One list per sample]: kvtier and NIXL are timed one block list per sample, from its
+submit to its completion (a put's includes the flush that confirms delivery at the target).
+ucx_perftest's ``ucp_put_bw`` with ``-n 8`` posts its 8 messages back to back, each as soon as
+the previous one completes *locally* (handed to the transport), and confirms delivery once at
+the end: the figure of a stream, not of one list. On the 2026-12-06 VM over TCP a 128 MiB
+message ran at 1.8-2.3 GB/s with ``-n 1`` and 3.0-4.3 GB/s with ``-n 8`` (same settings, same
+run), while kvtier moved one 128 MiB list at 1.7-2.2 GB/s. So the anchor runs ``-n 1`` (after
+its 2 untimed warm-up messages), the timing rule of the other two, and the stream is compared
+apart, with kvtier given the same stream.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import numpy as np
 # kvtier's UCX beside the one NIXL bundles.
 
 TRANSPORTS = {"shm": "posix,cma,tcp", "tcp": "tcp"}
+IN_FLIGHT = 8  # lists back to back in the stream comparison (perftest -n)
 NET_DEVICES = "lo"
 RNDV_THRESH = "inf"
 
@@ -151,21 +166,34 @@ class _KvtierCase:
         self.remote = peer.connect(bytes.fromhex(self.worker.hello["address"])).import_pool(
             bytes.fromhex(self.worker.hello["descriptor"]))
         self.samples: list[float] = []
+        self.in_flight_samples: list[float] = []  # seconds per list, IN_FLIGHT lists at a time
         self._once()  # untimed: endpoint wire-up, first touch of the remote mapping
 
-    def _once(self) -> float:
+    def _post(self) -> Any:
         if self.case.op == "put":
-            h = self.peer.put(self.pool, self.ids, self.remote, self.ids)
-        else:
-            h = self.peer.get(self.remote, self.ids, self.pool, self.ids)
+            return self.peer.put(self.pool, self.ids, self.remote, self.ids)
+        return self.peer.get(self.remote, self.ids, self.pool, self.ids)
+
+    def _once(self) -> float:
+        h = self._post()
         h.wait(600)
         return h.latency_s
 
     def rep(self) -> None:
         self.samples.append(self._once())
 
-    def gbps_by_round(self) -> list[float]:
-        return [self.n * self.case.block_bytes / t / 1e9 for t in self.samples]
+    def rep_in_flight(self, k: int) -> None:
+        """``k`` copies of the list posted back to back (the same blocks and bytes each time),
+        timed from the first submit to the last completion."""
+        t0 = time.perf_counter()
+        handles = [self._post() for _ in range(k)]
+        for h in handles:
+            h.wait(600)
+        self.in_flight_samples.append((time.perf_counter() - t0) / k)
+
+    def gbps_by_round(self, in_flight: bool = False) -> list[float]:
+        return [self.n * self.case.block_bytes / t / 1e9
+                for t in (self.in_flight_samples if in_flight else self.samples)]
 
     def finish(self) -> dict[str, Any]:
         if self.case.op == "get":
@@ -223,20 +251,27 @@ def perftest_available() -> tuple[str | None, str | None, str]:
 _PERFTEST_ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 
 
-def run_perftest(case: RemoteCase, n: int, tls: str, timeout_s: float = 120, whole: bool = False) -> dict[str, Any]:
+PERFTEST_MODES = ("list", "in_flight", "reused")
+
+
+def run_perftest(case: RemoteCase, n: int, tls: str, mode: str = "list", timeout_s: float = 120) -> dict[str, Any]:
     """One ``ucx_perftest`` run of ``n`` blocks' bytes.
 
     Note [perftest buffers]: ucx_perftest moves one message buffer over and over; it has no
-    option for a pool of distinct buffers. Two variants, both recorded:
-    - ``whole=False``: messages of the block size, ``n`` of them, all from and to the same
+    option for a pool of distinct buffers. Three modes, all recorded:
+    - ``"list"``: one message of all ``n`` blocks' bytes (the same memory footprint as kvtier's
+      and NIXL's distinct blocks), timed alone after 2 untimed ones (Note [One list per
+      sample]). One operation instead of ``n`` favours perftest; the memory traffic is the
+      same as theirs. This is the perftest anchor.
+    - ``"in_flight"``: ``IN_FLIGHT`` such messages back to back, the stream comparison.
+    - ``"reused"``: messages of the block size, ``n`` of them, all from and to the same
       block-sized buffer. At 2 MiB and 192 KiB that buffer stays in the CPU's caches (4 MiB of L2
       here), so this measures a cache-hot copy, not moving ``n`` distinct blocks: on the
       2026-12-06 VM, 2 MiB puts ran at 4.66 GiB/s this way and at 2.14 GiB/s as one 128 MiB
       message. It is reported as a ceiling, not as the anchor.
-    - ``whole=True``: one message of all ``n`` blocks' bytes (the same memory footprint as
-      kvtier's and NIXL's distinct blocks), 8 per run. One operation instead of ``n`` favours
-      perftest; the memory traffic is the same as theirs. This is the perftest anchor.
     """
+    if mode not in PERFTEST_MODES:
+        raise ValueError(f"perftest mode must be one of {PERFTEST_MODES}, got {mode!r}")
     exe, libdir, why = perftest_available()
     if exe is None:
         return {"missing": why}
@@ -250,7 +285,8 @@ def run_perftest(case: RemoteCase, n: int, tls: str, timeout_s: float = 120, who
     # over TCP (2.4 MB/s: the responder sleeps through the gets), so ucp_get polls (-E poll),
     # which favours it on the transports where the target must progress. Recorded per case.
     wait = ["-I", "-E", "sleep"] if case.op == "put" else ["-E", "poll"]
-    size, iters, warm = (n * case.block_bytes, 8, 2) if whole else (case.block_bytes, n, min(16, n))
+    size, iters, warm = {"list": (n * case.block_bytes, 1, 2), "in_flight": (n * case.block_bytes, IN_FLIGHT, 2),
+                         "reused": (case.block_bytes, n, min(16, n))}[mode]
     args = ["-t", test, "-s", str(size), "-n", str(iters), "-w", str(warm), "-e", *wait,
             "-p", str(port), "-f"]
     server = subprocess.Popen([exe, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -281,8 +317,9 @@ def run_perftest(case: RemoteCase, n: int, tls: str, timeout_s: float = 120, who
     m = re.search(r"version\D*(\d+\.\d+\.\d+)", ver)
     return {"gbps": mbps * 2**20 / 1e9, "cmd": " ".join([os.path.basename(exe), "127.0.0.1", *args]),
             "ucx": m.group(1) if m else "?",
-            "buffer": ("one message of the whole block list's bytes (distinct memory)" if whole
-                       else "one block-sized buffer reused for every message (cache-hot)")}
+            "buffer": {"list": "one message of the whole block list's bytes (distinct memory), timed alone",
+                       "in_flight": f"{IN_FLIGHT} messages of the whole block list's bytes, back to back",
+                       "reused": "one block-sized buffer reused for every message (cache-hot)"}[mode]}
 
 
 # ---------------------------------------------------------------- NIXL
@@ -508,14 +545,24 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
                             nixl.close()
 
                 perf_reused_runs: list[dict[str, Any]] = []
+                perf_stream_runs: list[dict[str, Any]] = []
 
                 def perftest_turn() -> None:
-                    # Note [perftest buffers]: both variants in one turn, in alternating order.
-                    variants = [(perf_runs, True), (perf_reused_runs, False)]
-                    for runs, whole in variants if len(perf_runs) % 2 == 0 else variants[::-1]:
-                        runs.append(run_perftest(case, n, tls, whole=whole))
+                    # Note [perftest buffers]: the three modes in one turn, in rotating order.
+                    variants = [(perf_runs, "list"), (perf_stream_runs, "in_flight"), (perf_reused_runs, "reused")]
+                    k = len(perf_runs) % len(variants)
+                    for runs, mode in variants[k:] + variants[:k]:
+                        runs.append(run_perftest(case, n, tls, mode))
 
-                turns = [("kvtier", kv.rep), ("ucx_perftest", perftest_turn), ("nixl", nixl_turn)]
+                def kvtier_turn() -> None:
+                    if len(kv.samples) % 2 == 0:
+                        kv.rep()
+                        kv.rep_in_flight(IN_FLIGHT)
+                    else:
+                        kv.rep_in_flight(IN_FLIGHT)
+                        kv.rep()
+
+                turns = [("kvtier", kvtier_turn), ("ucx_perftest", perftest_turn), ("nixl", nixl_turn)]
                 turn_order = []
                 for rnd in range(reps):
                     k = rnd % len(turns)  # Note [Rotating turns] (bench nvme)
@@ -533,7 +580,8 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
                                "ucx_perftest_reused_buffer": [r.get("gbps") for r in perf_reused_runs]}
                 peers: dict[str, Any] = {}
                 for name, runs in (("ucx_perftest", perf_runs), ("nixl", nixl_runs),
-                                   ("ucx_perftest_reused_buffer", perf_reused_runs)):
+                                   ("ucx_perftest_reused_buffer", perf_reused_runs),
+                                   ("ucx_perftest_in_flight", perf_stream_runs)):
                     ok = [r["gbps"] for r in runs if "gbps" in r]
                     if ok:
                         info = dict(next(r for r in runs if "gbps" in r))
@@ -544,7 +592,7 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
                     else:
                         peers[name] = {"missing": runs[-1].get("missing", "no round ran") if runs else "no round ran"}
                 # The anchor is the best peer moving distinct memory (Note [perftest buffers]).
-                usable = {k: v["gbps"] for k, v in peers.items() if "gbps" in v and k != "ucx_perftest_reused_buffer"}
+                usable = {k: v["gbps"] for k, v in peers.items() if "gbps" in v and k in ("ucx_perftest", "nixl")}
                 anchor = max(usable, key=usable.get) if usable else None
                 paired = {name: paired_ratio(kv.gbps_by_round(), r) for name, r in peer_rounds.items()}
                 results.append({
@@ -558,8 +606,14 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
                     "ratio": round(kv_out["gbps"] / usable[anchor], 3) if anchor else None,
                     "paired": paired[anchor] if anchor else None,
                     "paired_by_peer": paired,
+                    # the stream comparison beside the verdict (Note [One list per sample])
+                    "in_flight": IN_FLIGHT,
+                    "kvtier_in_flight_gbps": round(statistics.median(kv.gbps_by_round(in_flight=True)), 3),
+                    "paired_in_flight": paired_ratio(kv.gbps_by_round(in_flight=True),
+                                                     [r.get("gbps") for r in perf_stream_runs]),
                     "turn_order": turn_order, "settings": settings[transport],
-                    "kvtier": {**kv_out, "rounds_gbps": kv.gbps_by_round()}, "peers": peers,
+                    "kvtier": {**kv_out, "rounds_gbps": kv.gbps_by_round(),
+                               "in_flight_rounds_gbps": kv.gbps_by_round(in_flight=True)}, "peers": peers,
                 })
     report = {"suite": "remote", "machine": machine_info(),
               "config": {"size_mib": size_mib, "reps": reps, "seed": seed, "transports": list(transports),
@@ -567,19 +621,24 @@ def run(transports: tuple[str, ...] = ("shm", "tcp"), size_mib: int = 128, reps:
               "results": results}
     table = Table(title=f"kvtier bench remote ({size_mib} MiB per sample, median of {reps} rounds)")
     for col in ("case", "kvtier GB/s", "ucx_perftest GB/s", "NIXL GB/s", "ratio to best", "paired [95% CI]",
-                "perftest, reused buffer GB/s"):
+                f"{IN_FLIGHT} in flight: kvtier / perftest GB/s", "paired", "perftest, reused buffer GB/s"):
         table.add_column(col, justify="left" if col == "case" else "right")
 
     def fmt(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, float) else "[yellow]missing[/yellow]"
 
-    for r in results:
-        pr = r["paired"]
-        pcol = "n/a" if pr is None else f"{pr['median']:.2f}x " + (
+    def pfmt(pr: dict[str, Any] | None) -> str:
+        if pr is None or pr.get("median") is None:
+            return "n/a"
+        return f"{pr['median']:.2f}x " + (
             f"[{pr['ci95'][0]:.2f}, {pr['ci95'][1]:.2f}] {pr['verdict']}" if pr["ci95"] else f"({pr['verdict']})")
+
+    for r in results:
+        pcol = pfmt(r["paired"])
         table.add_row(r["case"], f"{r['kvtier_gbps']:.2f}", fmt(r["ucx_perftest_gbps"]), fmt(r["nixl_gbps"]),
                       f"{r['ratio']:.2f}x" if r["ratio"] is not None else "n/a", pcol,
-                      fmt(r["ucx_perftest_reused_buffer_gbps"]))
+                      f"{r['kvtier_in_flight_gbps']:.2f} / {fmt(r['ucx_perftest_in_flight_gbps'])}",
+                      pfmt(r["paired_in_flight"]), fmt(r["ucx_perftest_reused_buffer_gbps"]))
     Console().print(table)
     if nixl_missing:
         console.print(f"[yellow]NIXL missing:[/yellow] {nixl_missing}")
