@@ -258,3 +258,66 @@ def test_a_restore_is_awaited_only_by_the_step_that_needs_it(tmp_path: Path) -> 
         if still:
             return  # the big restore was still in flight when the small trace's step went ahead
     pytest.fail("the big restore always finished before the small step: nothing shown")
+
+
+# ------------------------------------------------------------------------------ stale victims
+
+
+class _HeldHandle:
+    """A move's handle that a poll never sees done: only an explicit wait completes the move
+    (the move finishing *during* another wait, made deterministic)."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def done(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+
+def test_a_victim_moved_while_room_is_made_below_is_not_moved_or_dropped_again(tmp_path: Path) -> None:
+    """Demoting a device victim makes room in DRAM first, and that can wait for a DRAM->NVMe move
+    whose completion starts other work: here it moves the same victim down itself. The victim
+    list from before the wait is stale then: moving or dropping the victim again freed its
+    device block twice (`kvtier replay --generator coding-agent`, 2026-12-06)."""
+    small = kvtier.KVLayout(num_layers=1, kv_heads=1, head_dim=64, block_tokens=16, dtype="float32")
+    bb = small.block_bytes
+    cache = TieredCache(small, make_salt("stale", small), device_bytes=4 * bb, dram_bytes=9 * bb,
+                        engine=kvtier.CopyEngine(threads=1), nvme_dir=str(tmp_path / "nvme"), nvme_bytes=64 * bb)
+    room = cache.tier_free_blocks(DRAM)  # DRAM less its staging reserve
+    kv = torch.randn(8, 1, 2, 16, 1, 64, generator=torch.Generator().manual_seed(0))
+    reg = kvtier.register_kv(kv, small, "blocks_first")
+    rng = np.random.default_rng(0)
+
+    def keys(n: int) -> np.ndarray:
+        return rng.integers(1, 2**63, size=(n, 2), dtype=np.uint64)
+
+    x = keys(room)  # fill DRAM exactly: stored on the device, then demoted
+    for start in range(0, room, 4):
+        assert cache.store_keys(x[start:start + 4], reg, np.arange(4)[: len(x[start:start + 4])]) > 0
+        cache.demote_keys(x[start:start + 4], DRAM)
+    a = keys(4)  # the device, full; a[0] is its least recently used block
+    for i in range(4):
+        assert cache.store_keys(a[i:i + 1], reg, [i]) == 1
+    assert cache.tier_free_blocks(DEVICE) == 0 and cache.tier_free_blocks(DRAM) == 0
+    # A DRAM->NVMe move in flight, whose completion moves a[0] down (as a policy's callback may)
+    assert cache.demote_keys(x[:1], NVME, wait=False) == 1
+    (m,) = cache.moves.leaving(DRAM)
+    m.handle = _HeldHandle(m.handle)
+    m.then.append(lambda mv: cache.demote_keys(a[:1], DRAM, wait=False))
+    cache.make_room(DEVICE, 1)  # victim a[0]; room below waits for m, whose callback moves a[0]
+    cache.moves.drain()
+    # a[0] went down once (by the callback), not dropped; the rest stayed
+    assert list(cache.locate(a)[0]) == [DRAM, DEVICE, DEVICE, DEVICE]
+    assert cache.tier_free_blocks(DEVICE) == 1
+    assert_no_leak(cache)
+    # and every block reads back as stored
+    out = torch.zeros_like(kv)
+    dst = kvtier.register_kv(out, small, "blocks_first")
+    m2 = cache.match_keys(a)
+    assert m2.hit_blocks == 4
+    cache.load(m2, dst, np.arange(4)).wait()
+    cache.release(m2)
+    assert torch.equal(out[:4], kv[:4])

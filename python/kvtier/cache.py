@@ -586,8 +586,15 @@ class TieredCache:
         otherwise they stay. With ``wait`` the move completes before returning. Returns the moves."""
         to = tier + 1 if to is None else to
         below = tier + 1
+        room, making = self._make_room(below, len(keys), wait=wait)
+        # Note [Stale victims]: making room below can wait for moves whose completion runs other
+        # work (a policy's callback, a chained move), which may have moved, pinned or dropped
+        # some of these keys meanwhile. Only those still where they were, unpinned, go on;
+        # moving or dropping the others again would free their blocks twice.
+        where, now_at, pins = self.index.locate(keys)
+        still = (where == tier) & (now_at == blocks) & (pins == 0)
+        keys, blocks = keys[still], blocks[still]
         found = len(keys)
-        room, making = self._make_room(below, found, wait=wait)
         moved = min(found, room)
         out: list[Move] = []
         if moved:
