@@ -60,6 +60,7 @@ void BindUcx(nb::module_& m) {
           "busy_poll"_a = false, "transfer_timeout_s"_a = 30.0, "max_op_bytes"_a = uint64_t{1} << 20)
       .def_prop_ro("address", [](const Agent& a) { return ToBytes(a.address()); })
       .def_prop_ro("token", &Agent::token)
+      .def_prop_ro("max_op_bytes", &Agent::max_op_bytes)
       .def("set_max_op_bytes", [](Agent& a, uint64_t bytes) { ThrowIfError(a.SetMaxOpBytes(bytes)); })
       .def_prop_ro("closed", &Agent::closed)
       .def("info",

@@ -120,6 +120,12 @@ class RemotePeer:
         return f"RemotePeer({self.id}, {'alive' if self.alive else 'failed'})"
 
 
+def _checked_max_op_bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 4096 <= value < 2**63:
+        raise InvalidArgumentError(f"max_op_bytes must be an int >= 4096, got {value!r}")
+    return value
+
+
 class Peer:
     """This process's UCX peer: one UCP context and worker, an event-driven progress thread.
 
@@ -166,13 +172,11 @@ class Peer:
         for name, value in (("tls", tls), ("net_devices", net_devices), ("rndv_thresh", rndv_thresh)):
             if value is not None and not isinstance(value, str):
                 raise InvalidArgumentError(f"{name} must be a string or None, got {type(value).__name__}")
-        if isinstance(max_op_bytes, bool) or not isinstance(max_op_bytes, int) or not 4096 <= max_op_bytes < 2**63:
-            raise InvalidArgumentError(f"max_op_bytes must be an int >= 4096, got {max_op_bytes!r}")
         if engine is not None and not isinstance(engine, CopyEngine):
             raise InvalidArgumentError(f"engine must be a kvtier.CopyEngine, got {type(engine).__name__}")
         self._core = _core.UcxAgent.create(
             tls or "", net_devices or "", rndv_thresh or "", bool(error_handling), progress == "poll",
-            float(transfer_timeout_s), int(max_op_bytes),
+            float(transfer_timeout_s), _checked_max_op_bytes(max_op_bytes),
         )
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else CopyEngine(threads=1)
@@ -195,13 +199,11 @@ class Peer:
     @property
     def max_op_bytes(self) -> int:
         """The largest UCX operation (Note [Merged operations]); settable, for batches started after."""
-        return int(self._agent().info()["max_op_bytes"])
+        return int(self._agent().max_op_bytes)
 
     @max_op_bytes.setter
     def max_op_bytes(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 4096 <= value < 2**63:
-            raise InvalidArgumentError(f"max_op_bytes must be an int >= 4096, got {value!r}")
-        self._agent().set_max_op_bytes(value)
+        self._agent().set_max_op_bytes(_checked_max_op_bytes(value))
 
     def stats(self) -> dict[str, int]:
         """Counters: batches_ok, batches_failed, ops_posted, bytes_ok, peers_failed; gauge: inflight."""

@@ -251,7 +251,7 @@ def perftest_available() -> tuple[str | None, str | None, str]:
 _PERFTEST_ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 
 
-PERFTEST_MODES = ("list", "in_flight", "reused")
+PERFTEST_MODES = ("list", "in_flight", "reused")  # Note [perftest buffers]
 
 
 def run_perftest(case: RemoteCase, n: int, tls: str, mode: str = "list", timeout_s: float = 120) -> dict[str, Any]:
@@ -272,6 +272,12 @@ def run_perftest(case: RemoteCase, n: int, tls: str, mode: str = "list", timeout
     """
     if mode not in PERFTEST_MODES:
         raise ValueError(f"perftest mode must be one of {PERFTEST_MODES}, got {mode!r}")
+    whole = n * case.block_bytes
+    size, iters, warm, buffer = {
+        "list": (whole, 1, 2, "one message of the whole block list's bytes (distinct memory), timed alone"),
+        "in_flight": (whole, IN_FLIGHT, 2, f"{IN_FLIGHT} messages of the whole block list's bytes, back to back"),
+        "reused": (case.block_bytes, n, min(16, n), "one block-sized buffer reused for every message (cache-hot)"),
+    }[mode]
     exe, libdir, why = perftest_available()
     if exe is None:
         return {"missing": why}
@@ -285,8 +291,6 @@ def run_perftest(case: RemoteCase, n: int, tls: str, mode: str = "list", timeout
     # over TCP (2.4 MB/s: the responder sleeps through the gets), so ucp_get polls (-E poll),
     # which favours it on the transports where the target must progress. Recorded per case.
     wait = ["-I", "-E", "sleep"] if case.op == "put" else ["-E", "poll"]
-    size, iters, warm = {"list": (n * case.block_bytes, 1, 2), "in_flight": (n * case.block_bytes, IN_FLIGHT, 2),
-                         "reused": (case.block_bytes, n, min(16, n))}[mode]
     args = ["-t", test, "-s", str(size), "-n", str(iters), "-w", str(warm), "-e", *wait,
             "-p", str(port), "-f"]
     server = subprocess.Popen([exe, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -317,9 +321,7 @@ def run_perftest(case: RemoteCase, n: int, tls: str, mode: str = "list", timeout
     m = re.search(r"version\D*(\d+\.\d+\.\d+)", ver)
     return {"gbps": mbps * 2**20 / 1e9, "cmd": " ".join([os.path.basename(exe), "127.0.0.1", *args]),
             "ucx": m.group(1) if m else "?",
-            "buffer": {"list": "one message of the whole block list's bytes (distinct memory), timed alone",
-                       "in_flight": f"{IN_FLIGHT} messages of the whole block list's bytes, back to back",
-                       "reused": "one block-sized buffer reused for every message (cache-hot)"}[mode]}
+            "buffer": buffer}
 
 
 # ---------------------------------------------------------------- NIXL
