@@ -197,6 +197,19 @@ def test_replay_engine_vllm_sizes_the_engine_from_the_longest_context(model_dir:
         vllm_replay.run(model_dir=model_dir, traces=2, vllm_blocks=1, configs=["engine"], progress=False)
 
 
+def test_replay_engine_vllm_default_cache_scales_with_the_workload() -> None:
+    """vLLM's own cache in the replay is 1/8 of the workload's KV, never less than what runs the
+    longest context: a bigger workload gets a bigger cache, and the workload never fits in it."""
+    from kvtier.harness.vllm_replay import BLOCK, VLLM_CACHE_SHARE, default_vllm_blocks
+
+    assert default_vllm_blocks(14_699, 1024) == 15  # 16 traces of the default workload
+    assert default_vllm_blocks(7_432, 1024) == 9  # 8 traces: the longest context decides
+    for tokens, mml in [(1, 128), (10_000, 2048), (1_000_000, 8192), (123_457, 1024)]:
+        b = default_vllm_blocks(tokens, mml)
+        assert b * BLOCK > mml and b > mml // BLOCK
+        assert b == mml // BLOCK + 1 or b * BLOCK * VLLM_CACHE_SHARE >= tokens > (b - 1) * BLOCK * VLLM_CACHE_SHARE
+
+
 @pytest.mark.slow
 def test_replay_engine_vllm_runs_end_to_end(model_dir: str, tmp_path: Path) -> None:
     """Two configurations through the whole replay (child engines, summaries, JSON): the same

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--nvme-budget", type=_size, default=None, help="NVMe tier size (default: 2x the workload's KV)")
     rp.add_argument("--traces", type=_positive_int, default=None,
                     help="root traces in the generated workload (default 8; with --workers N, 8 per worker: each "
-                         "worker as loaded as the single replay's server)")
+                         "worker as loaded as the single replay's server; with --engine vllm 16, docs/vllm.md)")
     rp.add_argument("--seed", type=int, default=0, help="seed of the generated workload")
     rp.add_argument("--generator", choices=("agent", "coding-agent"), default="agent",
                     help="the generated workload (without --workload): agent (default) or coding-agent (contexts "
@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--threshold", type=float, default=None, metavar="S",
                     help="--workers: the router's queueing threshold in seconds (default: a 256-token prefill)")
     rp.add_argument("--repeats", type=_positive_int, default=1, help="--engine vllm: runs of each configuration")
-    rp.add_argument("--vllm-blocks", type=_positive_int, default=16,
-                    help="--engine vllm: vLLM's own KV cache in 128-token blocks (default 16: less than the workload)")
+    rp.add_argument("--vllm-blocks", type=_positive_int, default=None,
+                    help="--engine vllm: vLLM's own KV cache in 128-token blocks (default: 1/8 of the workload's KV, "
+                         "at least the longest context and one block more)")
 
     sm = sub.add_parser("simulate", help="SIMULATION: the cache policies at fleet scale on a modelled GPU server")
     sm.add_argument("--server", default="h100-llama3-8b", help="server model preset (see --list-servers)")
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 from kvtier.harness import vllm_replay
 
                 vllm_replay.run(model_dir=args.model, workload=args.workload, json_path=args.json, plot_path=args.plot,
-                                seed=args.seed, traces=args.traces or 8, gap_scale=args.gap_scale, repeats=args.repeats,
+                                seed=args.seed, traces=args.traces, gap_scale=args.gap_scale, repeats=args.repeats,
                                 vllm_blocks=args.vllm_blocks, dram_bytes=args.dram_budget, nvme_bytes=args.nvme_budget,
                                 progress=not args.no_progress)
                 return 0

@@ -14,6 +14,18 @@ Configurations: ``engine`` (vLLM's automatic prefix cache only), ``example`` (vL
 LMCache's ``LMCacheConnectorV1`` and vLLM's ``OffloadingConnector`` are reported as
 ``{"missing": reason}`` when they cannot run here.
 
+Note [vLLM's own cache in the replay]
+The comparison means something only where vLLM's own prefix cache cannot hold what the traces
+reuse (the issue's condition: the workload does not fit). By default vLLM's cache is 1/8 of the
+workload's KV (at least the longest context and one block more, so that every step runs), so it
+scales with the workload (`--workload FILE`, `--traces`); kvtier's tiers get half of it in DRAM and
+4x on NVMe. The generated workload has 16 root traces by default, twice the transformers replay's
+8: vLLM batches steps continuously, so with 8 traces this 2-core engine idles most of the time and
+a trace's JCT is ~85% tool sleep. Measured on 2026-12-06 (docs/vllm.md, "Run D"): with the old
+defaults (8 traces, 16 blocks) vLLM alone computed 7,606 prefill tokens against kvtier's 7,478 (its
+own cache already served the reuse) and the JCTs were equal within noise; with 16 traces and 15
+blocks vLLM alone computes 16,487 against 13,543.
+
 Reported per configuration (medians over repeats, with the min and max): JCT p50/p99, time to
 first token per step, prefill tokens computed (``prompt - num_cached_tokens`` from vLLM's own
 request outputs), kvtier's hits per tier and the connector's own cost per scheduled request
@@ -39,8 +51,16 @@ from kvtier.harness import workload as wl
 from kvtier.errors import InvalidArgumentError, UnavailableError
 
 CONFIGS = ("engine", "example", "kvtier-tiered", "kvtier-trace-aware")
+DEFAULT_TRACES = 16  # root traces of the generated workload (Note [vLLM's own cache in the replay])
+VLLM_CACHE_SHARE = 8  # vLLM's own cache holds 1/VLLM_CACHE_SHARE of the workload's KV by default
 PEERS = ("lmcache", "offloading")
 BLOCK = 128  # vLLM's CPU block size
+
+
+def default_vllm_blocks(workload_tokens: int, max_model_len: int) -> int:
+    """vLLM's own cache for the replay (Note [vLLM's own cache in the replay]): 1/VLLM_CACHE_SHARE
+    of the workload's KV in BLOCK-token blocks, and at least the longest context and one block more."""
+    return max(max_model_len // BLOCK + 1, -(-workload_tokens // (BLOCK * VLLM_CACHE_SHARE)))
 
 
 def _engine_kwargs(config: str, model: str, work: str, vllm_blocks: int, dram_bytes: int,
@@ -208,8 +228,8 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(model_dir: str | None = None, workload: str | None = None, json_path: str | None = None,
-        plot_path: str | None = None, seed: int = 0, traces: int = 8, gap_scale: float = 0.1,
-        repeats: int = 1, configs: list[str] | None = None, vllm_blocks: int = 16, dram_bytes: int | None = None,
+        plot_path: str | None = None, seed: int = 0, traces: int | None = None, gap_scale: float = 0.1,
+        repeats: int = 1, configs: list[str] | None = None, vllm_blocks: int | None = None, dram_bytes: int | None = None,
         nvme_bytes: int | None = None, progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
 
@@ -236,13 +256,15 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
         vocab = int(cfg.vocab_size)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         block_bytes = BLOCK * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
-        trs = replay.load_workload(workload, vocab, seed, traces, gap_scale)
+        trs = replay.load_workload(workload, vocab, seed, traces or DEFAULT_TRACES, gap_scale)
         wl_path = os.path.join(tmp, "workload.jsonl")
         wl.dump(trs, wl_path)
         workload_tokens = sum(len(s.append) + s.generate for t in trs for s in t.steps)
         by_id = {t.trace_id: t for t in trs}
         max_ctx = max(wl.context_tokens(by_id, t, k) for t in trs for k in range(len(t.steps)))
         max_model_len = -(-(max_ctx + 16) // BLOCK) * BLOCK
+        if vllm_blocks is None:
+            vllm_blocks = default_vllm_blocks(workload_tokens, max_model_len)
         if vllm_blocks * BLOCK <= max_model_len:
             raise InvalidArgumentError(
                 f"--vllm-blocks {vllm_blocks} ({vllm_blocks * BLOCK} tokens) cannot hold this workload's longest "

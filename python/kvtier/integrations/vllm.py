@@ -50,13 +50,19 @@ Note [Nothing blocks the scheduler or the model runner]
 - Loads from kvtier's DRAM pools are copies started in ``start_load_kv`` on the copy engine's
   own threads and awaited in the first ``wait_for_layer_load`` (vLLM's CPU attention needs a
   block's every layer in the first layer's step, and one kvtier block is all layers of a vLLM
-  block, so per-layer waits would buy nothing on CPU). Under the trace-aware policy the mover may
-  be holding the cache for a trace's move: ``start_load_kv`` then does not wait for it, it reports
-  the blocks as load errors and vLLM recomputes them (counted in ``sync_loads_recomputed_busy``).
-  A hit that needs an NVMe block, and the first step of a trace back from a tool call (its
-  restore may be in flight), is **asynchronous** (``load_kv_async=True``): the mover thread
-  reads it, after the restore, and ``get_finished`` reports the request ready; vLLM schedules
-  other requests meanwhile.
+  block, so per-layer waits would buy nothing on CPU). The mover may be holding the cache (a
+  save's copy, a trace's move): ``start_load_kv`` waits for it at most as long as recomputing the
+  order's blocks would take (``recompute_s_per_token``), then reports them as load errors and
+  vLLM recomputes them (counted in ``sync_loads_recomputed_busy``). Synchronous loads run before
+  the step's trace events reach the mover, so a trace back from its tool call loads its DRAM
+  blocks where they are while its restore is still queued. A synchronous load never reads NVMe:
+  it stops at a block the worker has moved to NVMe since the scheduler's mirror saw it in DRAM.
+  A hit that needs an NVMe block is **asynchronous** (``load_kv_async=True``): the mover thread
+  reads it (after the trace's restore, which may be reading the same blocks) and
+  ``get_finished`` reports the request ready; vLLM schedules other requests meanwhile. An
+  asynchronous load costs the request at least one engine step, so it is kept for the disk.
+  (Until 2026-12-06 the first step after a tool call was always asynchronous; in the vLLM
+  replay that cost trace-aware 20-30% of TTFT against tiered, docs/vllm.md.)
 - Saves: after each forward (``wait_for_save``) the blocks that became full are queued to the
   mover thread, which copies them into kvtier (full blocks are immutable in vLLM while their
   request holds them). A finished request's blocks are held (``delay_free``) only until its queued
@@ -487,7 +493,6 @@ class _ReqState:
     hint: TraceHint | None = None
     external_tokens: int = 0
     begun: bool = False  # the trace's "begin" event was sent
-    in_gap: bool = False  # the trace was in a tool call when this step arrived
 
 
 class _SchedulerSide:
@@ -512,7 +517,6 @@ class _SchedulerSide:
         self.pending_loads: list[LoadOrder] = []
         self.pending_events: list[TraceEvent] = []
         self.delayed: set[str] = set()  # finished requests whose blocks wait for their saves
-        self.traces_in_gap: set[str] = set()
         self.worker_stats: dict[str, Any] = {}
         self.stats = {"lookups": 0, "external_hit_tokens": 0, "async_loads": 0, "save_orders": 0,
                       "bad_hints": 0, "lookup_s": 0.0, "meta_s": 0.0}
@@ -543,15 +547,11 @@ class _SchedulerSide:
         self.lookups.pop(rid, None)
         self.stats["lookups"] += 1
         tokens = request.all_token_ids
-        in_gap = False
         if st.hint is not None and self.conn.config.policy == "trace-aware" and not st.begun:
             # The step begins now: the worker ends the trace's gap (its restore starts, on the
-            # mover) before this request's load, which the mover runs after it.
+            # mover) after this request's synchronous load, before its asynchronous one.
             st.begun = True
-            in_gap = st.hint.trace_id in self.traces_in_gap
-            self.traces_in_gap.discard(st.hint.trace_id)
             self.pending_events.append(TraceEvent("begin", rid, st.hint, np.asarray(tokens, dtype=np.int64)))
-            st.in_gap = in_gap
         limit = (len(tokens) - 1) // self.bt  # leave at least one token to compute
         if limit * self.bt <= num_computed_tokens:
             return 0, False
@@ -561,9 +561,11 @@ class _SchedulerSide:
         if hit_tokens <= num_computed_tokens:
             return 0, False
         local = num_computed_tokens // self.bt
-        # A trace back from its tool call may still be being restored by the mover: its load goes
-        # through the mover too, after the restore (Note [Nothing blocks the scheduler ...]).
-        is_async = bool((tiers[local:n] == NVME).any()) or st.in_gap
+        # Only a block on NVMe makes the load asynchronous (Note [Nothing blocks the scheduler ...]):
+        # an asynchronous load costs the request at least one engine step before it is scheduled.
+        # A trace back from its tool call whose blocks are in DRAM loads them now, wherever its
+        # restore has got to (the worker loads before it hands the step's trace events to the mover).
+        is_async = bool((tiers[local:n] == NVME).any())
         self.lookups[rid] = _Lookup(local, int(n), keys[:n], is_async)
         return hit_tokens - num_computed_tokens, is_async
 
@@ -687,8 +689,6 @@ class _SchedulerSide:
             computed = min(request.num_computed_tokens, len(request.all_token_ids))
             tokens = np.asarray(request.all_token_ids[:computed], dtype=np.int64)
             self.pending_events.append(TraceEvent("finish", rid, st.hint, tokens))
-            if st.hint.ends_in_tool and not st.hint.close:
-                self.traces_in_gap.add(st.hint.trace_id)
         if st.has_saves:
             self.delayed.add(rid)
         params = {"kvtier": {"external_hit_tokens": st.external_tokens, "worker": dict(self.worker_stats),
@@ -810,11 +810,17 @@ class _WorkerSide:
 
     # -- loads
 
-    def _load(self, order: LoadOrder) -> tuple[Any, PrefixMatch]:
-        """Under self.lock: pin what is still there, start the copies (NVMe reads complete here)."""
+    def _load(self, order: LoadOrder, sync: bool = False) -> tuple[Any, PrefixMatch]:
+        """Under self.lock: pin what is still there, start the copies (NVMe reads complete here,
+        so a synchronous load, on the model runner's thread, stops at the first block on NVMe:
+        the scheduler saw it in DRAM, the worker has moved it down since; vLLM recomputes the rest)."""
         cache = self.cache
         n, tiers, _ = cache.index.match_prefix(order.keys)
         n = int(n)
+        if sync and n:
+            on_nvme = np.flatnonzero(tiers[:n] == NVME)
+            if len(on_nvme):
+                n = int(on_nvme[0])
         if n:
             cache.index.pin(order.keys[:n])
         m = PrefixMatch(order.keys, n, tiers[:n].copy(), self.bt, pinned=n)
@@ -832,27 +838,33 @@ class _WorkerSide:
         return h, m
 
     def start_load(self, meta: KvtierMetadata) -> None:
-        # Events in the order the scheduler saw them (a step's finish before the next step's begin);
-        # a finished request's saves were queued by an earlier step's wait_for_save.
+        # Synchronous loads first: they read the DRAM tiers where the blocks are now, before this
+        # step's trace events (a returning trace's restore, moving the same blocks up a tier) reach
+        # the mover. Events go to the mover in the order the scheduler saw them (a step's finish
+        # before the next step's begin), asynchronous loads after them (after a trace's restore).
+        for order in meta.loads:
+            if order.is_async:
+                continue
+            self.stats["sync_loads"] += 1
+            # The mover may hold the cache (a save's copy, a trace's move): wait for it at most as
+            # long as recomputing these blocks would take, then let vLLM recompute them instead
+            # (Note [Nothing blocks the scheduler or the model runner]).
+            budget = len(order.block_ids) * self.bt * self.cfg.recompute_s_per_token
+            if not self.lock.acquire(timeout=budget):
+                with self.mu:
+                    self.stats["sync_loads_recomputed_busy"] += 1
+                    self.load_errors.update(int(b) for b in order.block_ids)
+                continue
+            try:
+                self.sync_loads.append(self._load(order, sync=True))
+            finally:
+                self.lock.release()
         for ev in meta.events:
             self.jobs.put(lambda ev=ev: self._trace_event(ev))
         for order in meta.loads:
             if order.is_async:
                 self.stats["async_loads"] += 1
                 self.jobs.put(lambda o=order: self._async_load(o))
-            else:
-                self.stats["sync_loads"] += 1
-                # Under the trace-aware policy the mover may hold the cache for a trace's move: never
-                # wait for it here; the blocks are recomputed instead (Note [Nothing blocks ...]).
-                if not self.lock.acquire(blocking=self.traces is None):
-                    with self.mu:
-                        self.stats["sync_loads_recomputed_busy"] += 1
-                        self.load_errors.update(int(b) for b in order.block_ids)
-                    continue
-                try:
-                    self.sync_loads.append(self._load(order))
-                finally:
-                    self.lock.release()
 
     def _async_load(self, order: LoadOrder) -> None:
         try:
