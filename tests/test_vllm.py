@@ -210,6 +210,51 @@ def test_replay_engine_vllm_default_cache_scales_with_the_workload() -> None:
         assert b == mml // BLOCK + 1 or b * BLOCK * VLLM_CACHE_SHARE >= tokens > (b - 1) * BLOCK * VLLM_CACHE_SHARE
 
 
+def test_replay_engine_vllm_reports_failed_repeats_and_keeps_the_rest(model_dir: str, monkeypatch) -> None:
+    """A repeat that fails is reported with its reason and the configuration's other repeats still
+    count; a configuration whose engine never started is reported missing and not tried again;
+    each run's work directory (its preallocated NVMe tier) is gone once the run is over. The child
+    engines are replaced by a stand-in that writes their result file (the harness is under test)."""
+    from kvtier.harness import vllm_replay
+
+    calls: list[tuple[str, str]] = []
+    real_run = subprocess.run
+
+    def fake_run(cmd, **kw):
+        if "kvtier.harness.vllm_replay" not in cmd:
+            return real_run(cmd, **kw)
+        arg = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+        config, out, work = arg("--child"), arg("--out"), arg("--work")
+        calls.append((config, work))
+        Path(work, "nvme").mkdir()
+        n = sum(1 for c, _ in calls if c == config)
+        if config == "kvtier-tiered":
+            res = {"config": config, "error": "RuntimeError: no room for the NVMe tier"}
+        elif config == "engine" and n == 1:
+            res = {"config": config, "startup_s": 1.0, "error": "EngineDeadError: the engine died mid-run"}
+        else:
+            steps = [{"trace": "t0", "step": 0, "prompt": 300, "cached": 100 * n, "ttft_s": 0.1, "latency_s": 0.2,
+                      "kvtier": {}}]
+            res = {"config": config, "startup_s": 1.0, "steps": steps, "jct_s": {"t0": float(n)},
+                   "tokens": {"t0": [[5, 6]]}, "wall_s": 1.0}
+        Path(out).write_text(json.dumps(res))
+        return subprocess.CompletedProcess(cmd, 1 if "error" in res else 0, "", "Traceback ...\nSomeError: boom\n")
+
+    monkeypatch.setattr(vllm_replay.subprocess, "run", fake_run)
+    rep = vllm_replay.run(model_dir=model_dir, traces=2, repeats=3, configs=["engine", "example", "kvtier-tiered"],
+                          progress=False)
+    eng, ex, kv = (rep["policies"][c] for c in ("engine", "example", "kvtier-tiered"))
+    assert eng["repeats"] == 2 and [f["repeat"] for f in eng["failed_repeats"]] == [0]
+    assert "the engine died mid-run" in eng["failed_repeats"][0]["error"]
+    assert eng["failed_repeats"][0]["error"].endswith("; SomeError: boom")  # the log's root cause
+    assert eng["jct_s"]["p50_spread"] == [2.0, 3.0]  # repeats 2 and 3, not the failed first
+    assert ex["repeats"] == 3 and "failed_repeats" not in ex
+    assert "no room for the NVMe tier" in kv["missing"] and len(kv["failed_repeats"]) == 1
+    assert [c for c, _ in calls].count("kvtier-tiered") == 1  # never started: not tried again
+    assert all(not os.path.exists(w) for _, w in calls)
+    assert rep["tokens_identical"] is True
+
+
 @pytest.mark.slow
 def test_replay_engine_vllm_runs_end_to_end(model_dir: str, tmp_path: Path) -> None:
     """Two configurations through the whole replay (child engines, summaries, JSON): the same

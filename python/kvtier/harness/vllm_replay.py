@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -190,6 +191,16 @@ def _peer_missing(name: str) -> str | None:
     return None
 
 
+def _root_cause(stderr: str) -> str | None:
+    """The last exception line of a failed engine's log before Python's shutdown noise (an engine
+    that died mid-run is followed by "Exception ignored in ... __del__" errors of no interest)."""
+    import re
+
+    body = stderr.split("Exception ignored in", 1)[0]
+    lines = [ln.strip() for ln in body.splitlines() if re.match(r"\s*[\w.]*(Error|Exception)\b.*:", ln)]
+    return lines[-1][-400:] if lines else None
+
+
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def med(xs: list[float]) -> dict[str, float]:
         return {"median": float(np.median(xs)), "min": float(np.min(xs)), "max": float(np.max(xs))}
@@ -272,10 +283,12 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
         dram = dram_bytes or max(8 * block_bytes, (workload_tokens // BLOCK) * block_bytes // 2)
         nvme = nvme_bytes or max(64 * block_bytes, 4 * (workload_tokens // BLOCK + 1) * block_bytes)
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
-        errors: dict[str, str] = {}
+        # A failed repeat is reported with its reason (never dropped) and the configuration's other
+        # repeats still run; one that failed before its engine started is not tried again.
+        failed: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
         for rep in range(repeats):
             for c in configs:
-                if c in errors:
+                if failed[c] and not runs[c] and not failed[c][0]["started"]:
                     continue
                 work = os.path.join(tmp, f"{c}-{rep}")
                 os.makedirs(work)
@@ -286,18 +299,28 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
                        "--workload", wl_path, "--work", work, "--out", out, "--vllm-blocks", str(vllm_blocks),
                        "--dram-bytes", str(dram), "--nvme-bytes", str(nvme), "--max-model-len", str(max_model_len)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
-                if not os.path.exists(out):
-                    errors[c] = f"the engine process failed (rc={proc.returncode}): {proc.stderr[-2000:]}"
-                    continue
-                res = json.loads(Path(out).read_text())
-                if "error" in res:
-                    log = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln]
-                    errors[c] = res["error"] + ("; " + log[-1].strip()[-400:] if log else "")
+                res = json.loads(Path(out).read_text()) if os.path.exists(out) else None
+                # Each run's tiers and files go once it is over: NVMe tiers are preallocated, and
+                # keeping every repeat's would fill the disk of a long run.
+                shutil.rmtree(work, ignore_errors=True)
+                if res is None or "error" in res:
+                    cause = _root_cause(proc.stderr)
+                    why = (f"the engine process failed (rc={proc.returncode})" if res is None else res["error"]) + (
+                        f"; {cause}" if cause else "")
+                    failed[c].append({"repeat": rep, "error": why, "started": bool(res and "startup_s" in res),
+                                      "stderr_tail": proc.stderr[-3000:]})
+                    if progress:
+                        console.print(f"[red]{c} failed in repeat {rep + 1}: {why[:300]}[/red]")
                     continue
                 runs[c].append(res)
     policies: dict[str, Any] = {}
     for c in configs:
-        policies[c] = {"missing": errors[c]} if c in errors else _summary(runs[c])
+        if runs[c]:
+            policies[c] = _summary(runs[c])
+        else:
+            policies[c] = {"missing": failed[c][0]["error"]}
+        if failed[c]:
+            policies[c]["failed_repeats"] = [{k: v for k, v in f.items() if k != "started"} for f in failed[c]]
     for p in PEERS:
         why = _peer_missing(p)
         policies[p] = {"missing": why or "not wired into this benchmark yet"}
@@ -337,6 +360,8 @@ def _render(report: dict[str, Any], console: Any) -> None:
         if "missing" in r:
             table.add_row(c, "missing", "", "", "", "", r["missing"][:60])
             continue
+        if r.get("failed_repeats"):
+            c = f"{c} ({len(r['failed_repeats'])} of {len(r['failed_repeats']) + r['repeats']} failed)"
         j, pt, h = r["jct_s"], r["prefill_tokens"], r["hits"]
         table.add_row(c, f"{j['p50']:.2f} [{j['p50_spread'][0]:.2f}-{j['p50_spread'][1]:.2f}]", f"{j['p99']:.2f}",
                       f"{r['ttft_s']['median']:.3f}", f"{pt['computed']}/{pt['total']}",
