@@ -286,9 +286,10 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
         # A failed repeat is reported with its reason (never dropped) and the configuration's other
         # repeats still run; one that failed before its engine started is not tried again.
         failed: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+        never_started: set[str] = set()
         for rep in range(repeats):
             for c in configs:
-                if failed[c] and not runs[c] and not failed[c][0]["started"]:
+                if c in never_started:
                     continue
                 work = os.path.join(tmp, f"{c}-{rep}")
                 os.makedirs(work)
@@ -307,8 +308,9 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
                     cause = _root_cause(proc.stderr)
                     why = (f"the engine process failed (rc={proc.returncode})" if res is None else res["error"]) + (
                         f"; {cause}" if cause else "")
-                    failed[c].append({"repeat": rep, "error": why, "started": bool(res and "startup_s" in res),
-                                      "stderr_tail": proc.stderr[-3000:]})
+                    failed[c].append({"repeat": rep, "error": why, "stderr_tail": proc.stderr[-3000:]})
+                    if len(failed[c]) == 1 and not runs[c] and not (res and "startup_s" in res):
+                        never_started.add(c)
                     if progress:
                         console.print(f"[red]{c} failed in repeat {rep + 1}: {why[:300]}[/red]")
                     continue
@@ -320,7 +322,7 @@ def run(model_dir: str | None = None, workload: str | None = None, json_path: st
         else:
             policies[c] = {"missing": failed[c][0]["error"]}
         if failed[c]:
-            policies[c]["failed_repeats"] = [{k: v for k, v in f.items() if k != "started"} for f in failed[c]]
+            policies[c]["failed_repeats"] = failed[c]
     for p in PEERS:
         why = _peer_missing(p)
         policies[p] = {"missing": why or "not wired into this benchmark yet"}
