@@ -56,6 +56,10 @@ DEFAULT_TRACES = 16  # root traces of the generated workload (Note [vLLM's own c
 VLLM_CACHE_SHARE = 8  # vLLM's own cache holds 1/VLLM_CACHE_SHARE of the workload's KV by default
 PEERS = ("lmcache", "offloading")
 BLOCK = 128  # vLLM's CPU block size
+# The connector worker's counters reported per configuration (medians over repeats)
+WORKER_STATS = ("sync_loads", "async_loads", "sync_loads_recomputed_busy", "sync_load_lock_wait_s",
+                "sync_load_copy_wait_s", "mover_busy_s", "saved_blocks", "dropped_blocks", "demoted_blocks",
+                "prefetched_blocks")
 
 
 def default_vllm_blocks(workload_tokens: int, max_model_len: int) -> int:
@@ -207,6 +211,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     p50s, p99s, ttfts, computed, total, lookups = [], [], [], [], [], []
     hits = {"device": [], "dram": [], "nvme": []}
+    worker: dict[str, list[float]] = {}
     for r in runs:
         j = list(r["jct_s"].values())
         p50s.append(float(np.percentile(j, 50)))
@@ -220,6 +225,12 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if w is not None:  # blocks kvtier loaded into vLLM, by the tier they came from
             for t in hits:
                 hits[t].append(int(w.get(t, 0)))
+        ws = last.get("worker", {})
+        trace_moves = ws.get("traces") or {}
+        for k in WORKER_STATS:  # what the connector's worker did and cost the model runner, per run
+            v = trace_moves.get(k) if k in ("demoted_blocks", "prefetched_blocks") else ws.get(k)
+            if isinstance(v, (int, float)):
+                worker.setdefault(k, []).append(float(v))
         sch = last.get("scheduler", {})
         if sch.get("lookups"):
             lookups.append((sch.get("lookup_s", 0.0) + sch.get("meta_s", 0.0)) / max(1, len(r["steps"])))
@@ -232,6 +243,8 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
            "hits": {t: int(np.median(v)) if v else 0 for t, v in hits.items()},
            "repeats": len(runs), "startup_s": med([r["startup_s"] for r in runs]),
            "tokens": runs[0]["tokens"]}
+    if worker:
+        out["connector_worker"] = {k: float(np.median(v)) for k, v in worker.items()}
     if lookups:
         out["connector_s_per_request"] = float(np.median(lookups))
         out["connector_share_of_step"] = float(np.median(lookups) / max(1e-9, float(np.median(lat))))

@@ -72,6 +72,21 @@ Note [Nothing blocks the scheduler or the model runner]
 - Trace moves (``tool_start``'s demotion, ``tool_end``'s restore, due prefetches from ``tick``,
   ``end_step``) run only on the mover thread, in order with the saves of the same request.
 
+Note [One host pool under an engine]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Under vLLM the engine's own KV cache is the top tier, and both of ``TieredCache``'s pools
+("device" and "dram") are host memory: a load into vLLM costs the same from either. Cut in
+halves (until 2026-12-06) they bought only copies: LRU demotion from one to the other, promotion
+of DRAM hits back, and the trace policy's moves between them around every tool gap (docs/vllm.md,
+Run E). So ``dram_bytes`` is one cache pool, less a quarter (at least 4 blocks) for the second
+pool, which NVMe writes and reads pass through (``TieredCache`` stages NVMe in its DRAM tier; a
+block evicted from the cache pool goes through it on its way down). A quarter, not a few blocks:
+a block that cannot find room there when evicted is dropped, and one request's save can evict a
+dozen at once. The trace policy (``engine_trace_policy``) is told that keeping a trace's blocks in
+the cache pool costs nothing while it has room: it keeps them until the pool is 90% full, and
+only then parks a trace that will be away long on NVMe and prefetches it back before its
+expected return (its default, 50%, is for a device tier of GPU memory).
+
 Note [Load errors]
 ~~~~~~~~~~~~~~~~~~
 A block that is missing, fails its checksum or its read on the way back from NVMe ends the
@@ -705,6 +720,27 @@ class _SchedulerSide:
 
 # ---------------------------------------------------------------------------------------- worker side
 
+STAGING_SHARE = 0.25  # of dram_bytes, for the pool NVMe reads and writes pass through (Note [One host pool ...])
+
+
+def host_pools(dram_bytes: int, block_bytes: int, nvme: bool) -> tuple[int, int]:
+    """The connector's ``dram_bytes`` split into TieredCache's two host pools (Note [One host pool
+    under an engine]): (the cache pool, the pool NVMe reads and writes pass through)."""
+    if not nvme:
+        return max(block_bytes, dram_bytes), 0
+    staging = max(4 * block_bytes, int(dram_bytes * STAGING_SHARE) // block_bytes * block_bytes)
+    return max(block_bytes, dram_bytes - staging), staging
+
+
+def engine_trace_policy() -> Any:
+    """The trace-aware policy under an engine (Note [One host pool under an engine]): kvtier's first
+    pool is host memory beside the engine's own cache, so keeping a trace's blocks there costs
+    nothing while the pool has room; a trace is parked on NVMe (and prefetched back before its
+    expected return) only when the pool is nearly full."""
+    from kvtier.policy import TraceAwarePolicy
+
+    return TraceAwarePolicy(fill_keep=0.9, keep_share=1.0)
+
 
 class _WorkerSide:
     """Owns the tiers (TieredCache), the TraceManager and the mover thread (Note [Nothing blocks
@@ -734,7 +770,10 @@ class _WorkerSide:
         self.last_snap = 0.0
         self.known: list[np.ndarray] = []  # keys stored through this worker (pruned at snapshots)
         self.stats = {"loaded_blocks": 0, "loaded_from": {"device": 0, "dram": 0, "nvme": 0}, "load_error_blocks": 0, "saved_blocks": 0, "sync_loads": 0,
-                      "async_loads": 0, "sync_loads_recomputed_busy": 0, "trace_events": 0, "trace_errors": 0, "mover_busy_s": 0.0}
+                      "async_loads": 0, "sync_loads_recomputed_busy": 0, "trace_events": 0, "trace_errors": 0, "mover_busy_s": 0.0,
+                      # the model runner's time in start_load_kv waiting for the mover, and in the
+                      # first wait_for_layer_load waiting for the copies (and the lock to unpin)
+                      "sync_load_lock_wait_s": 0.0, "sync_load_copy_wait_s": 0.0}
         self.cache_stats: dict[str, Any] = {}
         self.thread: threading.Thread | None = None
         self.closed = False
@@ -754,12 +793,12 @@ class _WorkerSide:
                 f"KvtierConnector expects vLLM's {self.conn.kind} KV layout on {self.conn.device}; this engine's "
                 f"KV tensors are {kind} (shape {tuple(tensors[0].shape)})")
         self.reg = register_kv(tensors, layout, kind)
-        dev = max(layout.block_bytes, self.cfg.dram_bytes // 2 if self.cfg.nvme_dir else self.cfg.dram_bytes)
-        dram = self.cfg.dram_bytes - dev if self.cfg.nvme_dir else 0
-        if self.cfg.nvme_dir and dram < 2 * layout.block_bytes:
+        dev, dram = host_pools(self.cfg.dram_bytes, layout.block_bytes, bool(self.cfg.nvme_dir))
+        if self.cfg.nvme_dir and self.cfg.dram_bytes < dev + dram:
             raise InvalidArgumentError(
                 f"kv_connector_extra_config['dram_bytes']={self.cfg.dram_bytes} is too small: with an NVMe tier "
-                f"it must hold at least 4 blocks of {layout.block_bytes} bytes")
+                f"it must hold at least {dev + dram} bytes (5 blocks of {layout.block_bytes} bytes: one to cache, "
+                f"four to stage NVMe reads and writes)")
         if self.cfg.nvme_dir:
             os.makedirs(self.cfg.nvme_dir, exist_ok=True)
         self.cache = TieredCache(layout, self.conn.salt, device_bytes=dev, dram_bytes=dram,
@@ -773,7 +812,7 @@ class _WorkerSide:
             from kvtier.trace import TraceManager, calibrate
 
             cost = calibrate(self.cache, self.cfg.recompute_s_per_token, blocks=4)
-            self.traces = TraceManager(self.cache, cost)
+            self.traces = TraceManager(self.cache, cost, policy=engine_trace_policy())
         self.thread = threading.Thread(target=self._mover, name="kvtier-mover", daemon=True)
         self.thread.start()
 
@@ -850,7 +889,10 @@ class _WorkerSide:
             # long as recomputing these blocks would take, then let vLLM recompute them instead
             # (Note [Nothing blocks the scheduler or the model runner]).
             budget = len(order.block_ids) * self.bt * self.cfg.recompute_s_per_token
-            if not self.lock.acquire(timeout=budget):
+            t0 = time.perf_counter()
+            got = self.lock.acquire(timeout=budget)
+            self.stats["sync_load_lock_wait_s"] += time.perf_counter() - t0
+            if not got:
                 with self.mu:
                     self.stats["sync_loads_recomputed_busy"] += 1
                     self.load_errors.update(int(b) for b in order.block_ids)
@@ -883,12 +925,14 @@ class _WorkerSide:
     def wait_sync_loads(self) -> None:
         if not self.sync_loads:
             return
+        t0 = time.perf_counter()
         loads, self.sync_loads = self.sync_loads, []
         for h, m in loads:
             h.wait()
         with self.lock:
             for _, m in loads:
                 self.cache.release(m)
+        self.stats["sync_load_copy_wait_s"] += time.perf_counter() - t0
 
     # -- saves
 
