@@ -141,3 +141,25 @@ def test_sync_load_stops_at_a_block_moved_to_nvme_since_the_scheduler_saw_it(tmp
         assert w.get_finished(set())[1] == {"r2"}
     finally:
         w.shutdown()
+
+
+def test_engine_trace_policy_keeps_a_trace_in_host_memory_until_the_pool_is_nearly_full() -> None:
+    """Under an engine kvtier's cache pool is host memory: a long gap with the pool 60% full keeps
+    the trace's blocks (the policy's default for a GPU device tier parks them), and a pool 95% full
+    parks them on NVMe with a prefetch due before the expected return."""
+    from kvtier.integrations.vllm import engine_trace_policy
+    from kvtier.policy import Action, CostModel, TierState, TraceAwarePolicy
+
+    links = ("device->dram", "dram->device", "dram->nvme", "nvme->dram", "device->engine", "dram->engine")
+    cost = CostModel(BB, 128, {k: 5e9 for k in links}, 1e-3)
+
+    def decide(policy, fill: float):
+        tiers = TierState(device_blocks=100, device_fill=fill, kept_blocks=int(fill * 80), dram_fill=0.9,
+                          has_dram=True, has_nvme=True)
+        return policy.decide(private_blocks=10, private_tokens=1280, gap_s=30.0, gap_low_s=20.0, gap_source="hint",
+                             tiers=tiers, cost=cost)
+
+    assert decide(TraceAwarePolicy(), 0.6).action is not Action.KEEP
+    assert decide(engine_trace_policy(), 0.6).action is Action.KEEP
+    parked = decide(engine_trace_policy(), 0.95)
+    assert parked.action is Action.NVME and 0 < parked.prefetch_in_s < 20.0
