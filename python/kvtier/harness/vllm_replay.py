@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,10 +57,11 @@ DEFAULT_TRACES = 16  # root traces of the generated workload (Note [vLLM's own c
 VLLM_CACHE_SHARE = 8  # vLLM's own cache holds 1/VLLM_CACHE_SHARE of the workload's KV by default
 PEERS = ("lmcache", "offloading")
 BLOCK = 128  # vLLM's CPU block size
-# The connector worker's counters reported per configuration (medians over repeats)
+# The connector worker's counters reported per configuration (medians over repeats): its own, and
+# those of its trace manager (under "traces" in its report)
 WORKER_STATS = ("sync_loads", "async_loads", "sync_loads_recomputed_busy", "sync_load_lock_wait_s",
-                "sync_load_copy_wait_s", "mover_busy_s", "saved_blocks", "dropped_blocks", "demoted_blocks",
-                "prefetched_blocks")
+                "sync_load_copy_wait_s", "mover_busy_s", "saved_blocks", "dropped_blocks")
+TRACE_STATS = ("demoted_blocks", "prefetched_blocks")
 
 
 def default_vllm_blocks(workload_tokens: int, max_model_len: int) -> int:
@@ -198,8 +200,6 @@ def _peer_missing(name: str) -> str | None:
 def _root_cause(stderr: str) -> str | None:
     """The last exception line of a failed engine's log before Python's shutdown noise (an engine
     that died mid-run is followed by "Exception ignored in ... __del__" errors of no interest)."""
-    import re
-
     body = stderr.split("Exception ignored in", 1)[0]
     lines = [ln.strip() for ln in body.splitlines() if re.match(r"\s*[\w.]*(Error|Exception)\b.*:", ln)]
     return lines[-1][-400:] if lines else None
@@ -226,11 +226,11 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for t in hits:
                 hits[t].append(int(w.get(t, 0)))
         ws = last.get("worker", {})
-        trace_moves = ws.get("traces") or {}
-        for k in WORKER_STATS:  # what the connector's worker did and cost the model runner, per run
-            v = trace_moves.get(k) if k in ("demoted_blocks", "prefetched_blocks") else ws.get(k)
-            if isinstance(v, (int, float)):
-                worker.setdefault(k, []).append(float(v))
+        # what the connector's worker did and cost the model runner, per run
+        for counters, names in ((ws, WORKER_STATS), (ws.get("traces") or {}, TRACE_STATS)):
+            for k in names:
+                if isinstance(counters.get(k), (int, float)):
+                    worker.setdefault(k, []).append(float(counters[k]))
         sch = last.get("scheduler", {})
         if sch.get("lookups"):
             lookups.append((sch.get("lookup_s", 0.0) + sch.get("meta_s", 0.0)) / max(1, len(r["steps"])))
