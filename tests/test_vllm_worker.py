@@ -60,6 +60,11 @@ def test_host_pools_keep_one_cache_pool_and_stage_nvme_in_the_rest() -> None:
     dev, staging = host_pools(100 * BB, BB, nvme=True)
     assert dev + staging == 100 * BB and staging >= 4 * BB and dev > staging and staging % BB == 0
     assert host_pools(5 * BB, BB, nvme=True) == (BB, 4 * BB)
+    # A budget is refused, not grown past what the operator gave
+    with pytest.raises(InvalidArgumentError, match=r"dram_bytes'\]=%d is too small.*5 blocks" % (5 * BB - 1)):
+        host_pools(5 * BB - 1, BB, nvme=True)
+    with pytest.raises(InvalidArgumentError, match=r"too small.*one block of %d bytes" % BB):
+        host_pools(BB - 1, BB, nvme=False)
 
 
 def test_too_small_dram_with_nvme_names_the_key(tmp_path) -> None:

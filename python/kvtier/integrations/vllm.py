@@ -721,15 +721,24 @@ class _SchedulerSide:
 # ---------------------------------------------------------------------------------------- worker side
 
 STAGING_SHARE = 0.25  # of dram_bytes, for the pool NVMe reads and writes pass through (Note [One host pool ...])
+STAGING_MIN_BLOCKS = 4  # the least that pool holds, whatever the share
 
 
 def host_pools(dram_bytes: int, block_bytes: int, nvme: bool) -> tuple[int, int]:
     """The connector's ``dram_bytes`` split into TieredCache's two host pools (Note [One host pool
-    under an engine]): (the cache pool, the pool NVMe reads and writes pass through)."""
+    under an engine]): (the cache pool, the pool NVMe reads and writes pass through). A budget that
+    cannot hold one cached block (and, with NVMe, four staging blocks) is refused, never grown."""
+    staging_min = STAGING_MIN_BLOCKS * block_bytes if nvme else 0
+    if dram_bytes < block_bytes + staging_min:
+        why = (f"{1 + STAGING_MIN_BLOCKS} blocks of {block_bytes} bytes: one to cache, {STAGING_MIN_BLOCKS} to stage "
+               f"NVMe reads and writes" if nvme else f"one block of {block_bytes} bytes")
+        raise InvalidArgumentError(
+            f"kv_connector_extra_config['dram_bytes']={dram_bytes} is too small: it must hold at least "
+            f"{block_bytes + staging_min} bytes ({why})")
     if not nvme:
-        return max(block_bytes, dram_bytes), 0
-    staging = max(4 * block_bytes, int(dram_bytes * STAGING_SHARE) // block_bytes * block_bytes)
-    return max(block_bytes, dram_bytes - staging), staging
+        return dram_bytes, 0
+    staging = max(staging_min, int(dram_bytes * STAGING_SHARE) // block_bytes * block_bytes)
+    return dram_bytes - staging, staging
 
 
 def engine_trace_policy() -> Any:
@@ -794,11 +803,6 @@ class _WorkerSide:
                 f"KV tensors are {kind} (shape {tuple(tensors[0].shape)})")
         self.reg = register_kv(tensors, layout, kind)
         dev, dram = host_pools(self.cfg.dram_bytes, layout.block_bytes, bool(self.cfg.nvme_dir))
-        if self.cfg.nvme_dir and self.cfg.dram_bytes < dev + dram:
-            raise InvalidArgumentError(
-                f"kv_connector_extra_config['dram_bytes']={self.cfg.dram_bytes} is too small: with an NVMe tier "
-                f"it must hold at least {dev + dram} bytes (5 blocks of {layout.block_bytes} bytes: one to cache, "
-                f"four to stage NVMe reads and writes)")
         if self.cfg.nvme_dir:
             os.makedirs(self.cfg.nvme_dir, exist_ok=True)
         self.cache = TieredCache(layout, self.conn.salt, device_bytes=dev, dram_bytes=dram,
